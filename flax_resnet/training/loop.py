@@ -1,0 +1,372 @@
+"""The training loop, and the evaluate/predict helpers built on the same pieces.
+
+:func:`train_and_evaluate` is the one generic loop: it reads a config, builds the mesh,
+data iterators, model, optimiser and jitted steps, resumes from the newest checkpoint
+in ``workdir`` if there is one, trains epoch by epoch with one evaluation per epoch,
+and writes checkpoints, ``metrics.jsonl``, TensorBoard events and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from flax_resnet import parallel
+from flax_resnet.checkpoint import Checkpointer
+from flax_resnet.errors import UserError
+from flax_resnet.training import logging as run_logging
+from flax_resnet.training import schedules, steps
+from flax_resnet.training.state import (
+    abstract_train_state, compute_dtype, count_params, create_optimizer, create_train_state,
+)
+
+PrintFn = Callable[..., None]
+
+
+@dataclasses.dataclass
+class TrainSummary:
+    """What a finished :func:`train_and_evaluate` reports."""
+
+    workdir: str
+    steps: int
+    epochs: int
+    final_top1: float
+    final_loss: float
+    best_top1: float
+    best_epoch: int
+    compile_s: float
+    wall_s: float
+    images_per_sec: float
+
+
+def _info_dict(info) -> dict[str, Any]:
+    d = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(vars(info))
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def format_config(config, indent: str = "  ") -> str:
+    """The config as sorted ``key: value`` lines (nested dicts indented), for the run header."""
+    lines = []
+
+    def walk(d, prefix):
+        for k in sorted(d):
+            v = d[k]
+            if isinstance(v, dict):
+                lines.append(f"{prefix}{k}:" + ("" if v else " {}"))
+                walk(v, prefix + indent)
+            else:
+                lines.append(f"{prefix}{k}: {v!r}" if isinstance(v, str) else f"{prefix}{k}: {v}")
+
+    walk(config.to_dict() if hasattr(config, "to_dict") else dict(config), indent)
+    return "\n".join(lines)
+
+
+def _eval_batch_size(config, mesh) -> int:
+    bs = int(config.get("eval_batch_size", 0) or 0) or int(config.batch_size)
+    parallel.check_batch_size(bs, mesh, "eval_batch_size" if config.get("eval_batch_size") else "batch_size")
+    return bs
+
+
+def evaluate_split(eval_fn, state, batches, mesh) -> dict[str, float]:
+    """Runs ``eval_fn`` over every batch of a split; sums stay on device until the end.
+
+    Batches carry a ``mask`` (the final one is padded), so every example is counted once.
+    Returns ``loss``, ``top1`` (``top5``) and ``count``.
+    """
+    sums = None
+    for batch in batches:
+        out = eval_fn(state, parallel.shard_batch(batch, mesh))
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    if sums is None:
+        raise UserError("the evaluation split is empty; check --config.eval_split and the dataset")
+    return steps.summarize_eval(jax.device_get(sums))
+
+
+def _eval_batches(config, info, batch_size, split=None):
+    from flax_resnet import data
+
+    return data.eval_batches(
+        config.dataset, batch_size=parallel.per_process_batch_size(batch_size), data_dir=config.data_dir,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        split=split or config.get("eval_split") or None,
+    )
+
+
+def _global_batches(data_iter, mesh, first=None):
+    """Global sharded batches, pulling from ``data_iter`` only on demand (its position stays exact)."""
+    if first is not None:
+        yield first
+    while True:
+        yield parallel.shard_batch(next(data_iter), mesh)
+
+
+def _train_epoch(train_fn, state, batches, *, step, epoch, num_epochs, epoch_start, epoch_end, config, logger,
+                 save, should_save):
+    """Runs the steps ``[step, epoch_end)`` of one epoch with a progress bar.
+
+    Metrics stay on device and are fetched once per ``log_every_steps`` (one sync), then
+    logged and shown as the running loss and images/s. Periodic checkpoints go through
+    ``save(state, step)`` on the steps ``should_save`` names (epoch ends are saved by the caller).
+    Returns ``(state, fetched metric rows, images/s per log interval)``.
+    """
+    log_every = max(int(config.log_every_steps), 1)
+    bar = run_logging.Progress(epoch_end - epoch_start, initial=step - epoch_start,
+                               desc=f"epoch {epoch + 1}/{num_epochs}")
+    pending, rows, rates, meter = [], [], [], run_logging.Throughput()
+    while step < epoch_end:
+        state, metrics = train_fn(state, next(batches))
+        step += 1
+        pending.append(metrics)
+        meter.add(config.batch_size)
+        postfix = {}
+        if step % log_every == 0 or step == epoch_end:
+            fetched, pending = jax.device_get(pending), []
+            rate = meter.mark()
+            rates.append(rate)
+            rows += fetched
+            logger.log("train", step, {"epoch": epoch + 1, **run_logging.mean_metrics(fetched), "images_per_sec": rate})
+            postfix = {"loss": f"{run_logging.mean_metrics(rows)['loss']:.4f}", "img/s": f"{rate:.0f}"}
+        bar.update(1, **postfix)
+        if step != epoch_end and should_save(step):
+            save(state, step)
+    bar.close()
+    return state, rows, rates
+
+
+def _report_epoch(say, logger, step, epoch, num_epochs, train_rows, ev, elapsed):
+    """The per-epoch ``eval`` record in metrics.jsonl/TensorBoard and the printed line."""
+    train = run_logging.mean_metrics(train_rows)
+    record = {"epoch": epoch, "train_loss": train.get("loss"), "train_top1": train.get("top1"),
+              "test_loss": ev["loss"], "test_top1": ev["top1"], "test_count": ev["count"], "elapsed_s": elapsed}
+    if "top5" in ev:
+        record["test_top5"] = ev["top5"]
+    logger.log("eval", step, record)
+    say(f"epoch {epoch}/{num_epochs}  step {step}  train loss {train.get('loss', float('nan')):.4f}  "
+        f"test loss {ev['loss']:.4f}  test top-1 {100 * ev['top1']:.2f}%"
+        + (f"  top-5 {100 * ev['top5']:.2f}%" if "top5" in ev else "") + f"  ({ev['count']} images)")
+
+
+# Fields that change the shapes or meaning of the saved state: a resumed run must keep them.
+_RESUME_KEYS = ("model", "model_kwargs", "dataset", "momentum", "nesterov", "seed")
+
+
+def _check_resumable(ckpt: Checkpointer, config, workdir) -> None:
+    _, saved, _ = ckpt.restore_config("latest")
+    now = config.to_dict()
+    diff = [k for k in _RESUME_KEYS if k in saved and saved[k] != now.get(k)]
+    if diff:
+        what = ", ".join(f"{k}={saved[k]!r} (now {now.get(k)!r})" for k in diff)
+        raise UserError(f"{workdir} holds a run with {what}; pass a fresh --workdir or the same settings to resume")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
+                       print_fn: PrintFn = print) -> TrainSummary:
+    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint) and evaluates every epoch.
+
+    Args:
+      config: a recipe (see :mod:`flax_resnet.configs`), overrides applied.
+      workdir: run directory for checkpoints, ``metrics.jsonl``, TensorBoard events, ``curves.png``.
+      print_fn: where the human-readable lines go (only process 0 prints).
+
+    Returns:
+      A :class:`TrainSummary` with final and best test top-1, compile time and throughput.
+    """
+    from flax_resnet import data
+
+    parallel.initialize_distributed()  # no-op unless launched as one of several processes
+    t_start = time.perf_counter()
+    main = run_logging.is_main_process()
+    say = print_fn if main else (lambda *a, **k: None)
+    workdir = Path(workdir)
+
+    info = data.get_dataset_info(config.dataset, config.data_dir)
+    mesh = parallel.create_mesh()
+    parallel.check_batch_size(config.batch_size, mesh)
+    eval_bs = _eval_batch_size(config, mesh)
+    with contextlib.ExitStack() as stack:
+        data_iter = data.train_iterator(
+            config.dataset, batch_size=parallel.per_process_batch_size(config.batch_size), seed=config.seed,
+            data_dir=config.data_dir, process_index=jax.process_index(), process_count=jax.process_count(),
+            augment=config.augment, num_workers=config.num_workers,
+        )
+        stack.callback(data_iter.close)
+        data_position = data_iter.get_state
+        steps_per_epoch = int(data_iter.steps_per_epoch)
+        total_steps = int(config.num_train_steps) if config.num_train_steps > 0 else int(config.num_epochs) * steps_per_epoch
+        num_epochs = math.ceil(total_steps / steps_per_epoch)
+        lr_fn = schedules.create_learning_rate_fn(config, steps_per_epoch, total_steps)
+        tx = create_optimizer(config, lr_fn)
+        num_classes, in_channels = int(info.num_classes), int(info.image_shape[-1])
+        dtype = compute_dtype(config)
+        config_dict = config.to_dict()
+        meta = {"dataset_info": _info_dict(info)}
+
+        say(f"config:\n{format_config(config)}")
+        say(parallel.describe(mesh))
+        say(f"dataset: {info.name} ({info.train_size} train / {info.eval_size} {info.eval_split}, "
+            f"{num_classes} classes, {tuple(info.image_shape)}); global batch {config.batch_size}, "
+            f"{steps_per_epoch} steps/epoch, {total_steps} steps ({num_epochs} epochs)")
+
+        ckpt = Checkpointer(workdir, save_every_steps=config.checkpoint_every_steps,
+                            max_to_keep=config.max_to_keep, async_save=config.async_checkpointing)
+        stack.callback(ckpt.close)
+        if ckpt.latest_step() is not None:
+            _check_resumable(ckpt, config, workdir)
+            abstract, graph = abstract_train_state(config, num_classes, in_channels, tx, mesh)
+            state, data_state, _, _ = ckpt.restore(abstract, "latest")
+            if data_state:
+                data_iter.set_state(data_state)
+            say(f"resumed from {ckpt.workdir / 'checkpoints'} at step {int(state.step)}")
+        else:
+            state, graph = create_train_state(config, num_classes, in_channels, tx, mesh)
+        say(f"model: {config.model} ({count_params(state.params):,} params, compute {jnp.dtype(dtype).name})")
+
+        train_fn = steps.jit_train_step(mesh, graph=graph, tx=tx, learning_rate_fn=lr_fn, num_classes=num_classes,
+                                        label_smoothing=config.label_smoothing, compute_dtype=dtype)
+        eval_fn = steps.jit_eval_step(mesh, graph=graph, num_classes=num_classes, compute_dtype=dtype)
+
+        step = start_step = int(state.step)
+        logger = stack.enter_context(run_logging.RunLogger(workdir))
+        logger.log_text("config", f"```\n{format_config(config)}\n```")
+        best_top1, best_epoch = ckpt.best_metric() or 0.0, 0
+        final: dict[str, float] = {}
+        compile_s, rates = 0.0, []
+        batches = None
+        if step < total_steps:
+            first = parallel.shard_batch(next(data_iter), mesh)
+            t0 = time.perf_counter()
+            train_fn = train_fn.lower(state, first).compile()
+            compile_s = time.perf_counter() - t0
+            say(f"compiled train step in {compile_s:.1f}s")
+            batches = _global_batches(data_iter, mesh, first)
+        for epoch in range(step // steps_per_epoch, num_epochs):
+            epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
+            state, train_rows, epoch_rates = _train_epoch(
+                train_fn, state, batches, step=step, epoch=epoch, num_epochs=num_epochs,
+                epoch_start=epoch * steps_per_epoch, epoch_end=epoch_end, config=config, logger=logger,
+                save=lambda st, n: ckpt.save(n, st, data_position(), config_dict, meta),
+                should_save=ckpt.should_save,
+            )
+            step, rates = epoch_end, rates + epoch_rates
+            final = evaluate_split(eval_fn, state, _eval_batches(config, info, eval_bs), mesh)
+            _report_epoch(say, logger, step, epoch + 1, num_epochs, train_rows, final, time.perf_counter() - t_start)
+            position, epoch_meta = data_position(), {**meta, "epoch": epoch + 1, "test_top1": final["top1"]}
+            ckpt.save(step, state, position, config_dict, epoch_meta, force=True)
+            if final["top1"] > best_top1:
+                best_top1, best_epoch = final["top1"], epoch + 1
+                ckpt.save_best(step, state, position, config_dict, epoch_meta, final["top1"])
+        if not final:  # nothing left to train (a finished run): just report
+            final = evaluate_split(eval_fn, state, _eval_batches(config, info, eval_bs), mesh)
+        ckpt.wait()
+    run_logging.plot_curves(workdir, title=f"{config.model} on {info.name}")
+    wall = time.perf_counter() - t_start
+    ips = float(np.median(rates[1:] if len(rates) > 1 else rates)) if rates else 0.0
+    timing = (f"{step - start_step} steps in {wall:.1f}s (compile {compile_s:.1f}s, ~{ips:.0f} images/s)"
+              if step > start_step else f"training was already complete at step {step}")
+    say(f"final test top-1 {100 * final['top1']:.2f}% (loss {final['loss']:.4f}); "
+        f"best {100 * max(best_top1, final['top1']):.2f}%"
+        + (f" at epoch {best_epoch}" if best_epoch else "") + f"; {timing}")
+    return TrainSummary(
+        workdir=str(workdir), steps=step, epochs=num_epochs, final_top1=final["top1"], final_loss=final["loss"],
+        best_top1=max(best_top1, final["top1"]), best_epoch=best_epoch, compile_s=compile_s, wall_s=wall,
+        images_per_sec=ips,
+    )
+
+
+# --------------------------------------------------------------------------- restore helpers
+@dataclasses.dataclass
+class RestoredModel:
+    """A checkpointed model ready for inference: state on ``mesh`` plus what describes it."""
+
+    state: Any
+    graph: Any
+    config: ml_collections.ConfigDict
+    dataset_info: dict[str, Any]
+    step: int
+    mesh: Any
+
+    @property
+    def compute_dtype(self):
+        return compute_dtype(self.config)
+
+
+def restore_model(workdir: str | Path, which: str = "best") -> RestoredModel:
+    """Loads the newest (``which="latest"``) or best checkpoint of a run onto all devices."""
+    with Checkpointer(workdir, read_only=True) as ckpt:
+        step, config_dict, meta = ckpt.restore_config(which)
+        config = ml_collections.ConfigDict(config_dict)
+        info = meta.get("dataset_info") or {}
+        num_classes, in_channels = int(info["num_classes"]), int(info["image_shape"][-1])
+        # The schedule does not change the optimiser state's structure; any callable will do.
+        tx = create_optimizer(config, optax.constant_schedule(0.0))
+        mesh = parallel.create_mesh()
+        abstract, graph = abstract_train_state(config, num_classes, in_channels, tx, mesh)
+        state, _, _, _ = ckpt.restore(abstract, which, step=step)
+    return RestoredModel(state, graph, config, info, step, mesh)
+
+
+def evaluate(workdir: str | Path, *, which: str = "best", split: str | None = None,
+             data_dir: str | None = None) -> dict[str, Any]:
+    """Evaluates a run's checkpoint on a split (default: the one it was evaluated on).
+
+    Returns ``loss``, ``top1`` (``top5``), ``count``, ``step`` and ``split``.
+    """
+    from flax_resnet import data
+
+    m = restore_model(workdir, which)
+    config = m.config
+    if data_dir is not None:
+        config.data_dir = data_dir
+    info = data.get_dataset_info(config.dataset, config.data_dir)
+    eval_bs = _eval_batch_size(config, m.mesh)
+    eval_fn = steps.jit_eval_step(m.mesh, graph=m.graph, num_classes=int(info.num_classes),
+                                  compute_dtype=m.compute_dtype)
+    out = evaluate_split(eval_fn, m.state, _eval_batches(config, info, eval_bs, split), m.mesh)
+    return {**out, "step": m.step, "split": split or config.get("eval_split") or info.eval_split,
+            "dataset": info.name, "model": config.model}
+
+
+def _open_image(path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"cannot read image {path}: {e}; pass a PNG/JPEG/BMP/... file") from None
+
+
+def predict(workdir: str | Path, image_paths: Sequence[str | Path], *, which: str = "best",
+            top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """Top-``k`` ``(class name, probability)`` for each image file, from a run's checkpoint."""
+    from flax_resnet import data
+
+    if not image_paths:
+        raise UserError("no images given; pass one or more image files: flax-resnet predict --workdir DIR IMG...")
+    missing = [str(p) for p in image_paths if not Path(p).is_file()]
+    if missing:
+        raise UserError(f"image file(s) not found: {', '.join(missing)}; check the paths")
+    m = restore_model(workdir, which)
+    info = data.get_dataset_info(m.config.dataset, m.config.data_dir)
+    images = np.stack([np.asarray(data.preprocess_for_eval(_open_image(p), info), np.float32)
+                       for p in image_paths])
+    probs_fn = jax.jit(lambda s, x: steps.predict_step(s, x, graph=m.graph, compute_dtype=m.compute_dtype))
+    probs = np.asarray(jax.device_get(probs_fn(m.state, jnp.asarray(images))))
+    names = list(m.dataset_info.get("class_names") or info.class_names or [])
+    k = min(top_k, probs.shape[-1])
+    results = []
+    for p in probs:
+        idx = np.argsort(-p)[:k]
+        results.append([(names[i] if i < len(names) else str(i), float(p[i])) for i in idx])
+    return results

@@ -1,0 +1,159 @@
+"""The hot path: pure ``train_step`` / ``eval_step`` functions of pytrees, and their jitting.
+
+Both are pure functions of a :class:`~flax_resnet.training.state.TrainState` and a batch
+dict. :func:`jit_train_step` / :func:`jit_eval_step` bind the static parts (model graph,
+optimiser, schedule) and jit them with explicit shardings: state replicated, batch
+sharded on ``'data'``. Under GSPMD the loss mean, the gradients and BatchNorm's batch
+statistics are all over the *global* batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flax_resnet import parallel
+from flax_resnet.training.state import ModelGraph, TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def cross_entropy_loss(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+    """Per-example softmax cross-entropy against (optionally smoothed) one-hot labels.
+
+    With smoothing ``a`` the target is ``(1 - a) * one_hot + a / num_classes``.
+    Computed in float32 whatever the compute dtype of ``logits``.
+    """
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def topk_correct(logits, labels, k: int):
+    """1.0 where the label is among the ``k`` highest logits, per example."""
+    if k == 1:
+        return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    _, idx = jax.lax.top_k(logits, k)
+    return jnp.any(idx == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    graph: ModelGraph,
+    tx: optax.GradientTransformation,
+    learning_rate_fn: optax.Schedule,
+    num_classes: int,
+    label_smoothing: float = 0.0,
+    compute_dtype: Any = jnp.float32,
+) -> tuple[TrainState, Metrics]:
+    """One SGD update on a (global) batch. Returns the new state and scalar metrics.
+
+    Metrics: ``loss`` (mean cross-entropy, with smoothing if set), ``top1`` (and ``top5``
+    when ``num_classes > 5``) accuracies on the batch, ``lr`` used for this update and
+    ``grad_norm`` (global L2 norm of the loss gradient, before weight decay).
+    """
+    images = batch["image"].astype(compute_dtype)
+    labels = batch["label"]
+
+    def loss_fn(params):
+        logits, new_stats = graph.apply(params, state.batch_stats, images, train=True)
+        logits = logits.astype(jnp.float32)
+        loss = cross_entropy_loss(logits, labels, num_classes, label_smoothing).mean()
+        return loss, (logits, new_stats)
+
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "top1": topk_correct(logits, labels, 1).mean(),
+        "lr": jnp.asarray(learning_rate_fn(state.step), jnp.float32),
+        "grad_norm": optax.tree.norm(grads),
+    }
+    if num_classes > 5:
+        metrics["top5"] = topk_correct(logits, labels, 5).mean()
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+def eval_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    graph: ModelGraph,
+    num_classes: int,
+    compute_dtype: Any = jnp.float32,
+) -> Metrics:
+    """Masked *sums* over a batch (running BatchNorm statistics).
+
+    ``batch["mask"]`` (1 for real examples, 0 for padding; all ones if absent) weights
+    every example, so a padded final batch counts each real example exactly once.
+    Returns ``loss`` (sum of unsmoothed cross-entropy), ``correct`` (top-1 count),
+    ``correct5`` (top-5 count, when ``num_classes > 5``) and ``count``.
+    """
+    logits, _ = graph.apply(
+        state.params, state.batch_stats, batch["image"].astype(compute_dtype), train=False
+    )
+    logits = logits.astype(jnp.float32)
+    labels = batch["label"]
+    mask = batch.get("mask")
+    mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    out = {
+        "loss": jnp.sum(cross_entropy_loss(logits, labels, num_classes) * mask),
+        "correct": jnp.sum(topk_correct(logits, labels, 1) * mask),
+        "count": jnp.sum(mask),
+    }
+    if num_classes > 5:
+        out["correct5"] = jnp.sum(topk_correct(logits, labels, 5) * mask)
+    return out
+
+
+def predict_step(state: TrainState, images: jax.Array, *, graph: ModelGraph, compute_dtype=jnp.float32):
+    """Class probabilities (float32 softmax) for a batch of images, eval mode."""
+    logits, _ = graph.apply(state.params, state.batch_stats, images.astype(compute_dtype), train=False)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def jit_train_step(
+    mesh,
+    *,
+    graph: ModelGraph,
+    tx: optax.GradientTransformation,
+    learning_rate_fn: optax.Schedule,
+    num_classes: int,
+    label_smoothing: float = 0.0,
+    compute_dtype: Any = jnp.float32,
+):
+    """``train_step`` jitted with the state donated, replicated, and the batch sharded on ``'data'``."""
+    fn = functools.partial(
+        train_step, graph=graph, tx=tx, learning_rate_fn=learning_rate_fn,
+        num_classes=num_classes, label_smoothing=label_smoothing, compute_dtype=compute_dtype,
+    )
+    rep, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
+    return jax.jit(fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+
+
+def jit_eval_step(mesh, *, graph: ModelGraph, num_classes: int, compute_dtype: Any = jnp.float32):
+    """``eval_step`` jitted: state replicated, batch sharded, sums replicated."""
+    fn = functools.partial(eval_step, graph=graph, num_classes=num_classes, compute_dtype=compute_dtype)
+    rep, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
+    return jax.jit(fn, in_shardings=(rep, data), out_shardings=rep)
+
+
+def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:
+    """Turns fetched eval sums into means: ``loss``, ``top1`` (``top5``) and ``count``."""
+    n = float(sums["count"])
+    out = {"loss": float(sums["loss"]) / max(n, 1.0), "top1": float(sums["correct"]) / max(n, 1.0), "count": int(round(n))}
+    if "correct5" in sums:
+        out["top5"] = float(sums["correct5"]) / max(n, 1.0)
+    return out

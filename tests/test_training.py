@@ -1,0 +1,318 @@
+"""Training system: schedules, optimiser mask, loss, padded eval, data-parallel equality, checkpoints.
+
+Uses the tiny ``resnet8`` on 16x16 single-channel inputs so every compile is a few
+seconds; compiled steps and trained states are shared through module fixtures.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import chex
+import pytest
+
+from flax_resnet import parallel
+from flax_resnet.checkpoint import Checkpointer
+from flax_resnet.configs import apply_overrides, get_config, list_configs, load_config
+from flax_resnet.errors import UserError
+from flax_resnet.training import schedules, steps
+from flax_resnet.training.loop import evaluate_split
+from flax_resnet.training.state import (abstract_train_state, create_optimizer, create_train_state,
+                                        weight_decay_mask)
+
+NUM_CLASSES = 10
+IMAGE = (16, 16, 1)
+BATCH = 16
+N_STEPS = 3
+
+
+def tiny_config(**over):
+    c = get_config("digits_resnet20")
+    c.model = "resnet8"
+    c.schedule = "constant"
+    c.warmup_epochs = 0.0
+    c.learning_rate = 0.1
+    c.weight_decay = 1e-4
+    c.nesterov = True
+    for k, v in over.items():
+        c[k] = v
+    return c
+
+
+def make_batches(n, batch=BATCH, seed=0):
+    rs = np.random.RandomState(seed)
+    return [{"image": rs.randn(batch, *IMAGE).astype(np.float32),
+             "label": rs.randint(0, NUM_CLASSES, batch).astype(np.int32)} for _ in range(n)]
+
+
+def run_steps(config, devices, batches):
+    mesh = parallel.create_mesh(devices)
+    lr_fn = schedules.create_learning_rate_fn(config, 10, 100)
+    tx = create_optimizer(config, lr_fn)
+    state, graph = create_train_state(config, NUM_CLASSES, IMAGE[-1], tx, mesh)
+    fn = steps.jit_train_step(mesh, graph=graph, tx=tx, learning_rate_fn=lr_fn, num_classes=NUM_CLASSES,
+                              label_smoothing=config.label_smoothing,
+                              compute_dtype=jnp.bfloat16 if config.half_precision else jnp.float32)
+    history = []
+    for b in batches:
+        state, metrics = fn(state, parallel.shard_batch(b, mesh))
+        history.append(metrics)
+    return mesh, graph, tx, state, jax.device_get(history)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """The same N_STEPS on 1 device and on all 8 simulated devices, same global batches."""
+    assert jax.device_count() == 8, "tests/conftest.py should simulate 8 CPU devices"
+    config = tiny_config()
+    batches = make_batches(N_STEPS)
+    one = run_steps(config, jax.devices()[:1], batches)
+    eight = run_steps(config, jax.devices(), batches)
+    return config, one, eight
+
+
+# --------------------------------------------------------------------------- data parallel
+def test_eight_devices_match_one_device(runs):
+    _, (_, _, _, s1, m1), (mesh8, _, _, s8, m8) = runs
+    leaf = jax.tree.leaves(s8.params)[0]
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
+    assert int(s1.step) == int(s8.step) == N_STEPS
+    s1, s8 = jax.device_get(s1), jax.device_get(s8)
+    chex.assert_trees_all_close(s1.params, s8.params, rtol=1e-5, atol=1e-6)
+    # BatchNorm running statistics are over the global batch, so they match too.
+    chex.assert_trees_all_close(s1.batch_stats, s8.batch_stats, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(s1.opt_state, s8.opt_state, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(m1, m8, rtol=1e-5, atol=1e-6)
+
+
+def test_train_metrics(runs):
+    _, (_, _, _, _, history), _ = runs
+    m = history[0]
+    assert set(m) == {"loss", "top1", "top5", "lr", "grad_norm"}
+    assert np.isfinite(m["loss"]) and m["grad_norm"] > 0
+    assert 0 <= m["top1"] <= m["top5"] <= 1
+    np.testing.assert_allclose(m["lr"], 0.1)
+    # One update on a fixed batch with a random init: the loss is about log(10).
+    assert abs(m["loss"] - np.log(NUM_CLASSES)) < 1.0
+
+
+class LinearGraph:
+    """A stand-in for ModelGraph: logits = flatten(x) @ w (no BatchNorm)."""
+
+    def apply(self, params, batch_stats, x, *, train):
+        return x.reshape(x.shape[0], -1) @ params["w"], batch_stats
+
+
+def test_top5_only_with_more_than_5_classes():
+    from flax_resnet.training.state import TrainState
+
+    rs = np.random.RandomState(0)
+    batch = {"image": jnp.asarray(rs.randn(4, 2, 2, 1), jnp.float32), "label": jnp.array([0, 1, 2, 0])}
+    for k in (3, 7):
+        params = {"w": jnp.asarray(rs.randn(4, k), jnp.float32)}
+        tx = optax.sgd(0.1)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
+                           opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
+        _, m = steps.train_step(state, batch, graph=LinearGraph(), tx=tx,
+                                learning_rate_fn=optax.constant_schedule(0.1), num_classes=k)
+        e = steps.eval_step(state, batch, graph=LinearGraph(), num_classes=k)
+        assert ("top5" in m) == ("correct5" in e) == (k > 5)
+        assert float(e["count"]) == 4
+
+
+# --------------------------------------------------------------------------- padded evaluation
+def test_padded_eval_counts_every_example_once(runs):
+    """A 37-example split in batches of 16: the last batch has 5 real rows and 11 padded ones."""
+    config, (_, graph, _, state1, _), (mesh8, _, _, state8, _) = runs
+    n, bs = 37, BATCH
+    rs = np.random.RandomState(1)
+    images = rs.randn(n, *IMAGE).astype(np.float32)
+    labels = rs.randint(0, NUM_CLASSES, n).astype(np.int32)
+
+    def padded_batches():
+        for s in range(0, n, bs):
+            x, y = images[s:s + bs], labels[s:s + bs]
+            mask = np.arange(bs) < len(x)
+            pad = bs - len(x)
+            # Padding rows are garbage on purpose: the mask must remove them.
+            yield {"image": np.concatenate([x, np.full((pad, *IMAGE), 99.0, np.float32)]),
+                   "label": np.concatenate([y, np.full(pad, 3, np.int32)]), "mask": mask}
+
+    eval_fn = steps.jit_eval_step(mesh8, graph=graph, num_classes=NUM_CLASSES)
+    got = evaluate_split(eval_fn, state8, padded_batches(), mesh8)
+    assert got["count"] == n
+
+    # Reference: the unpadded split in one batch, computed directly.
+    s = jax.device_get(state8)
+    logits, _ = graph.apply(s.params, s.batch_stats, jnp.asarray(images), train=False)
+    ref_loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
+    ref_top1 = float((np.argmax(logits, -1) == labels).mean())
+    assert got["top1"] == pytest.approx(ref_top1, abs=1e-6)
+    assert got["loss"] == pytest.approx(ref_loss, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- loss
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.3])
+def test_label_smoothing_matches_formula(alpha):
+    rs = np.random.RandomState(0)
+    logits = rs.randn(6, NUM_CLASSES).astype(np.float32)
+    labels = rs.randint(0, NUM_CLASSES, 6)
+    got = steps.cross_entropy_loss(jnp.asarray(logits), jnp.asarray(labels), NUM_CLASSES, alpha)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    target = (1 - alpha) * np.eye(NUM_CLASSES)[labels] + alpha / NUM_CLASSES
+    np.testing.assert_allclose(got, -(target * logp).sum(-1), rtol=1e-5)
+    # Equivalently: (1 - a) * NLL + a * mean over classes of -log p.
+    np.testing.assert_allclose(
+        got, (1 - alpha) * -logp[np.arange(6), labels] + alpha * -logp.mean(-1), rtol=1e-5)
+
+
+def test_loss_is_float32_for_bfloat16_logits():
+    logits = jnp.ones((2, NUM_CLASSES), jnp.bfloat16)
+    assert steps.cross_entropy_loss(logits, jnp.array([0, 1]), NUM_CLASSES, 0.1).dtype == jnp.float32
+
+
+# --------------------------------------------------------------------------- weight decay mask
+def test_weight_decay_mask_selects_only_kernels(runs):
+    config, (_, _, _, state, _), _ = runs
+    mask = weight_decay_mask(state.params)
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
+            for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    assert flat["conv1/kernel"] and flat["fc/kernel"]
+    assert not flat["fc/bias"] and not flat["bn1/scale"] and not flat["bn1/bias"]
+    for name, decayed in flat.items():
+        assert decayed == name.endswith("kernel"), name
+
+
+def test_weight_decay_applies_to_kernels_only():
+    """With zero gradients and no momentum, one step shrinks kernels by lr*wd and leaves the rest."""
+    params = {"conv": {"kernel": jnp.ones((3, 3, 1, 2))}, "bn": {"scale": jnp.ones(2), "bias": jnp.ones(2)},
+              "fc": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}}
+    config = tiny_config(weight_decay=0.5, momentum=0.0, nesterov=False)
+    tx = create_optimizer(config, optax.constant_schedule(0.1))
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["conv"]["kernel"], 1 - 0.1 * 0.5)
+    np.testing.assert_allclose(new["fc"]["kernel"], 1 - 0.1 * 0.5)
+    for leaf in (new["bn"]["scale"], new["bn"]["bias"], new["fc"]["bias"]):
+        np.testing.assert_allclose(leaf, 1.0)
+
+
+# --------------------------------------------------------------------------- schedules
+def test_paper_step_schedule():
+    lr = schedules.step_schedule(0.1, (32_000, 48_000))
+    for step, want in [(0, 0.1), (31_999, 0.1), (32_000, 0.01), (47_999, 0.01), (48_000, 0.001), (63_999, 0.001)]:
+        assert float(lr(step)) == pytest.approx(want, rel=1e-6), step
+
+
+def test_cifar_recipe_schedule_values():
+    c = get_config("cifar10_resnet56")
+    assert (c.batch_size, c.learning_rate, c.momentum, c.weight_decay, c.num_train_steps) == (128, 0.1, 0.9, 1e-4, 64_000)
+    lr = schedules.create_learning_rate_fn(c, steps_per_epoch=391, total_steps=c.num_train_steps)
+    assert [float(lr(s)) for s in (0, 32_000, 48_000)] == pytest.approx([0.1, 0.01, 0.001])
+
+
+def test_warmup_cosine_schedule():
+    lr = schedules.warmup_cosine_schedule(0.4, total_steps=1000, warmup_steps=100)
+    assert float(lr(0)) == pytest.approx(0.0)
+    assert float(lr(50)) == pytest.approx(0.2)
+    assert float(lr(100)) == pytest.approx(0.4)
+    assert float(lr(550)) == pytest.approx(0.2, rel=1e-5)  # half-way through the cosine
+    assert float(lr(1000)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_imagenet_recipe_linear_scaling_and_warmup():
+    c = get_config("imagenet_resnet50")
+    spe = 1251  # 1,281,167 / 1024
+    total = c.num_epochs * spe
+    lr = schedules.create_learning_rate_fn(c, spe, total)
+    assert schedules.scaled_learning_rate(c.learning_rate, c.batch_size, c.linear_scaling) == pytest.approx(0.4)
+    assert float(lr(5 * spe)) == pytest.approx(0.4)  # end of the 5-epoch warm-up
+    assert float(lr(int(2.5 * spe))) == pytest.approx(0.2, rel=1e-3)
+    assert float(lr(total)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_step_schedule_in_epochs_with_warmup():
+    c = tiny_config(schedule="step", learning_rate=0.1, lr_boundaries_epochs=(2, 3), warmup_steps=5)
+    lr = schedules.create_learning_rate_fn(c, steps_per_epoch=10, total_steps=40)
+    assert [float(lr(s)) for s in (0, 5, 19, 20, 30)] == pytest.approx([0.0, 0.1, 0.1, 0.01, 0.001])
+
+
+def test_unknown_schedule_is_user_error():
+    with pytest.raises(UserError, match="schedule"):
+        schedules.create_learning_rate_fn(tiny_config(schedule="linear"), 10, 100)
+
+
+# --------------------------------------------------------------------------- mixed precision
+def test_bfloat16_compute_keeps_float32_state():
+    config = tiny_config(half_precision=True)
+    _, _, _, state, history = run_steps(config, jax.devices()[:1], make_batches(1))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.batch_stats))
+    assert history[0]["loss"].dtype == np.float32 and np.isfinite(history[0]["loss"])
+
+
+# --------------------------------------------------------------------------- configs
+def test_every_recipe_loads_and_documents_how_to_run():
+    import importlib
+
+    names = list_configs()
+    assert {"digits_resnet20", "cifar10_resnet20", "cifar10_resnet56", "cifar10_resnet110",
+            "cifar10_article", "imagenet_resnet50"} <= set(names)
+    for name in names:
+        c = get_config(name)
+        assert c.model and c.dataset
+        doc = importlib.import_module(f"flax_resnet.configs.{name}").__doc__
+        assert "Run:" in doc and "Expect" in doc, name
+
+
+def test_config_overrides_and_errors(tmp_path):
+    c = load_config(None, ["--config.num_epochs=3", "--config.nesterov=true", "--config.learning_rate", "0.5",
+                           "--config.lr_boundaries_steps=(10,20)", "--config.data_dir=/x"])
+    assert (c.num_epochs, c.nesterov, c.learning_rate, c.lr_boundaries_steps, c.data_dir) == (3, True, 0.5, (10, 20), "/x")
+    with pytest.raises(UserError, match="num_epochs"):
+        apply_overrides(get_config(None), ["--config.num_epoch=3"])
+    with pytest.raises(UserError, match="num_epochs"):
+        apply_overrides(get_config(None), ["--config.num_epochs=three"])
+    with pytest.raises(UserError, match="unknown config"):
+        get_config("cifar10_resnet57")
+    path = tmp_path / "mine.py"
+    path.write_text("from flax_resnet.configs import digits_resnet20\n"
+                    "def get_config():\n    c = digits_resnet20.get_config()\n    c.num_epochs = 1\n    return c\n")
+    assert get_config(str(path)).num_epochs == 1
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_checkpoint_saved_on_8_devices_restores_on_1(runs, tmp_path):
+    config, _, (mesh8, _, tx, state8, _) = runs
+    ref = jax.device_get(state8)
+    ck = Checkpointer(tmp_path, save_every_steps=2)
+    assert not ck.should_save(1) and ck.should_save(2)
+    assert ck.save(3, state8, {"epoch": 1, "index": 3}, config.to_dict(), {"dataset_info": {"num_classes": 10}},
+                   force=True)
+    assert ck.save_best(3, state8, {"epoch": 1}, config.to_dict(), {}, test_top1=0.5)
+    assert not ck.save_best(4, state8, {"epoch": 1}, config.to_dict(), {}, test_top1=0.4)  # not better
+    ck.wait()
+    ck.close()
+
+    mesh1 = parallel.create_mesh(jax.devices()[:1])
+    abstract, _ = abstract_train_state(config, NUM_CLASSES, IMAGE[-1], tx, mesh1)
+    with Checkpointer(tmp_path, read_only=True) as ck:
+        assert (ck.latest_step(), ck.best_step(), ck.best_metric()) == (3, 3, 0.5)
+        state, data_state, cfg, meta = ck.restore(abstract, "latest")
+    assert data_state == {"epoch": 1, "index": 3} and cfg["model"] == "resnet8"
+    assert meta["dataset_info"]["num_classes"] == 10
+    assert jax.tree.leaves(state.params)[0].sharding.device_set == {jax.devices()[0]}
+    chex.assert_trees_all_equal(jax.device_get(state), ref)
+
+
+def test_restore_without_checkpoint_is_user_error(tmp_path):
+    with Checkpointer(tmp_path, read_only=True) as ck:
+        with pytest.raises(UserError, match="flax-resnet train"):
+            ck.restore_config("best")
+
+
+def test_batch_size_must_split_over_devices():
+    with pytest.raises(UserError, match="multiple of 8"):
+        parallel.check_batch_size(12, parallel.create_mesh())
