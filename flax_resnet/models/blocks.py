@@ -18,7 +18,7 @@ Blocks:
 
 from __future__ import annotations
 
-import dataclasses
+import math
 from typing import Any, Literal
 
 import jax
@@ -33,23 +33,83 @@ Shortcut = Literal["A", "B"]
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-@dataclasses.dataclass(frozen=True)
+class BatchNorm(nnx.BatchNorm):
+    """``nnx.BatchNorm`` whose running variance is updated as PyTorch's ``BatchNorm2d`` does.
+
+    In train mode both frameworks normalise with the *biased* batch variance, but PyTorch
+    folds the *unbiased* one (``var * n / (n - 1)``, ``n`` values per channel) into
+    ``running_var``, while stock NNX folds the biased one. Converted torchvision weights
+    would drift away from PyTorch's statistics during fine-tuning; this class keeps them
+    equal. Everything else (``scale``/``bias`` Params, ``mean``/``var`` BatchStats, the
+    ``use_running_average`` view, eval mode) is NNX's own.
+    """
+
+    def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
+        use_ra = self.use_running_average if use_running_average is None else use_running_average
+        if use_ra:
+            return super().__call__(x, use_running_average=True, mask=mask)
+        if self.axis_index_groups is not None:
+            raise NotImplementedError("BatchNorm with axis_index_groups")
+        # flax pinned in pyproject: these helpers are what nnx.BatchNorm.__call__ itself uses.
+        from flax.nnx.nn.normalization import _canonicalize_axes, _compute_stats, _normalize
+
+        feature_axes = _canonicalize_axes(x.ndim, self.axis)
+        reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+        scale = self.scale[...] if self.scale is not None else None
+        bias = self.bias[...] if self.bias is not None else None
+        x, _, _, scale, bias = self.promote_dtype(
+            (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
+        mean, var = _compute_stats(
+            x, reduction_axes, dtype=self.dtype, axis_name=self.axis_name,
+            use_fast_variance=self.use_fast_variance, mask=mask)
+        # n: values per channel behind the batch statistics (the global batch under GSPMD).
+        if mask is None:
+            n = math.prod(x.shape[a] for a in reduction_axes)
+        else:
+            n = jnp.sum(jnp.broadcast_to(mask, x.shape), axis=reduction_axes)
+        if self.axis_name is not None:
+            n = n * jax.lax.psum(1, self.axis_name)
+        unbiased = var * (n / jnp.maximum(n - 1, 1))
+        stop = jax.lax.stop_gradient if (self.mean._can_update or self.var._can_update) else (lambda v: v)
+        self.mean[...] = stop(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
+        self.var[...] = stop(self.momentum * self.var[...] + (1 - self.momentum) * unbiased)
+        return _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, self.dtype, self.epsilon)
+
+
+class _LayerKeys:
+    """What a layer's constructor needs of ``nnx.Rngs`` (``.params()``), without its counter.
+
+    ``nnx.Rngs`` keeps its stream counter in a Variable; under ``nnx.eval_shape`` every
+    increment inspects the tracer's sharding, which walks the whole trace so far, so an
+    abstract ResNet-1202 took minutes (quadratic in depth). Keys folded in with a Python
+    counter cost one op per layer.
+    """
+
+    def __init__(self, key: jax.Array):
+        self._key, self._count = key, 0
+
+    def params(self) -> jax.Array:
+        self._count += 1
+        return jax.random.fold_in(self._key, self._count)
+
+
 class Layers:
     """Factory for the convs and norms of one network, so every layer shares dtypes and BN settings.
 
     Args:
-      rngs: NNX random streams for parameter initialisation.
+      rngs: NNX random streams; one key is drawn from ``rngs.params`` and every layer's
+        parameters are initialised from keys folded in from it.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); ``None`` keeps float32.
       param_dtype: storage dtype of parameters and BatchNorm statistics.
       bn_momentum: Flax convention (weight of the *old* running value): 0.9 equals PyTorch's 0.1.
       bn_epsilon: 1e-5, as PyTorch.
     """
 
-    rngs: nnx.Rngs
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
+    def __init__(self, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32,
+                 bn_momentum: float = 0.9, bn_epsilon: float = 1e-5):
+        self.rngs = _LayerKeys(rngs.params())
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self.bn_momentum, self.bn_epsilon = bn_momentum, bn_epsilon
 
     def conv(self, cin: int, cout: int, kernel: int, stride: int = 1, *, groups: int = 1,
              bias: bool = False) -> nnx.Conv:
@@ -60,8 +120,8 @@ class Layers:
             feature_group_count=groups, use_bias=bias, kernel_init=conv_init,
             dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
 
-    def norm(self, features: int, *, zero_scale: bool = False) -> nnx.BatchNorm:
-        return nnx.BatchNorm(
+    def norm(self, features: int, *, zero_scale: bool = False) -> BatchNorm:
+        return BatchNorm(
             features, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
             scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
             dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
@@ -195,7 +255,7 @@ class PreActBasicBlock(_Residual):
         self.bn2 = make.norm(planes)
         self.conv2 = make.conv(planes, planes, 3)
         if zero_init_residual:
-            self.conv2.kernel.value = jnp.zeros_like(self.conv2.kernel.value)
+            self.conv2.kernel[...] = jnp.zeros_like(self.conv2.kernel[...])
         self._init_shortcut(make, cin, planes, stride, shortcut, norm=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -223,7 +283,7 @@ class PreActBottleneck(_Residual):
         self.bn3 = make.norm(width)
         self.conv3 = make.conv(width, cout, 1)
         if zero_init_residual:
-            self.conv3.kernel.value = jnp.zeros_like(self.conv3.kernel.value)
+            self.conv3.kernel[...] = jnp.zeros_like(self.conv3.kernel[...])
         self._init_shortcut(make, cin, cout, stride, shortcut, norm=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -90,7 +90,7 @@ class ResNet(nnx.Module):
         self.num_features = cin
         # Pre-activation nets end with the BN/ReLU that no unit applied to its output.
         self.bn_final = make.norm(cin) if self.preact else None
-        self.fc = self._make_head(num_classes, rngs, param_dtype)
+        self.fc = self._make_head(num_classes, make.rngs, param_dtype)
 
     # ---------------------------------------------------------------- head handling
     def _make_head(self, num_classes: int, rngs: nnx.Rngs, param_dtype: Any = jnp.float32):
@@ -103,7 +103,7 @@ class ResNet(nnx.Module):
 
     def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
         """Replace the head with a freshly initialised one for ``num_classes`` (0: no head)."""
-        param_dtype = self.fc.kernel.value.dtype if self.fc is not None else jnp.float32
+        param_dtype = self.fc.kernel[...].dtype if self.fc is not None else jnp.float32
         self.fc = self._make_head(num_classes, rngs or nnx.Rngs(0), param_dtype)
 
     # ---------------------------------------------------------------- forward
