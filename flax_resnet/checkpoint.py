@@ -1,9 +1,10 @@
-"""Orbax checkpointing: the one place that reads and writes checkpoints.
+"""Orbax checkpointing: the one place that reads and writes checkpoints, and handles preemption.
 
 Layout under a run's workdir::
 
     checkpoints/<step>/{state,data,config,meta}       newest ``max_to_keep`` (periodic + epoch ends)
     checkpoints_best/<step>/{state,data,config,meta}  the best by test top-1 (one kept)
+    checkpoints*/<name>.corrupt                        a bad checkpoint set aside (see below)
 
 Each checkpoint is an ``ocp.args.Composite`` of
 
@@ -18,15 +19,36 @@ Saves are asynchronous: ``save`` returns once arrays are copied off the devices,
 write finishes in the background (call :meth:`Checkpointer.wait` / :meth:`close`).
 Restores take an *abstract* target (``jax.ShapeDtypeStruct`` with shardings), so a run
 saved on 8 devices restores on 1 and vice versa.
+
+Fault tolerance (:meth:`Checkpointer.resume`):
+
+* Orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when complete,
+  so a save cut short (SIGKILL, power loss) leaves a temporary directory that is never
+  mistaken for a checkpoint.
+* A finalised ``<step>`` directory is *structurally* checked (commit marker, every item,
+  readable JSON items) and then restored; any failure (a missing item, a truncated array
+  file) makes resume try the next older step, of either kind (newest or best).
+* Once a good checkpoint is found, the bad ones are renamed ``<name>.corrupt`` (never
+  deleted) with a warning naming each, so later saves at the same step can proceed.
+  If checkpoints exist but none is readable, nothing is renamed and a
+  :class:`~flax_resnet.errors.UserError` lists them.
+
+Preemption (:class:`PreemptionGuard`): SIGTERM/SIGINT set a flag that the training loop
+checks between steps; it then saves at the current step, waits for the write and exits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
+import signal
+import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
+import jax
 import orbax.checkpoint as ocp
 
 from flax_resnet.errors import UserError
@@ -34,8 +56,19 @@ from flax_resnet.errors import UserError
 LATEST_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"
 BEST_METRIC = "test_top1"
+ITEMS = ("state", "data", "config", "meta")
+TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step still being written
+COMMIT_FILE = "commit_success.txt"  # written into the step directory just before Orbax's final rename
+CORRUPT_SUFFIX = ".corrupt"
 
 Which = Literal["latest", "best"]
+WarnFn = Callable[[str], None]
+
+log = logging.getLogger(__name__)
+
+
+class UnreadableCheckpointError(UserError):
+    """A checkpoint exists but cannot be restored (damaged, or saved by an incompatible model)."""
 
 
 @contextlib.contextmanager
@@ -60,7 +93,55 @@ def _options(max_to_keep, *, best=False, async_=True, read_only=False) -> ocp.Ch
         enable_async_checkpointing=async_,
         create=not read_only,
         read_only=read_only,
+        # Do not read every step's metadata when opening: a damaged metrics file must not
+        # stop the manager from opening (resume() checks and sets such steps aside).
+        lightweight_initialize=True,
+        # Both managers save at the same step at an epoch end; with several processes their
+        # barriers (named after the step) would collide ("Barrier ... is already ongoing").
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=BEST_DIR if best else LATEST_DIR),
     )
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    text = (str(e).strip().splitlines() or [""])[0] or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def structural_problem(step_dir: str | Path, *, best: bool = False) -> str | None:
+    """Why a finalised step directory cannot be a complete checkpoint, or ``None``.
+
+    Cheap (no arrays read): the commit marker, every item directory, and that every JSON
+    item parses. Array files are only checked by actually restoring them.
+    """
+    step_dir = Path(step_dir)
+    if not (step_dir / COMMIT_FILE).is_file():
+        return f"no {COMMIT_FILE}: the save did not finish"
+    for item in ITEMS:
+        if not (step_dir / item).is_dir():
+            return f"item '{item}' is missing"
+    json_files = [step_dir / item / "metadata" for item in ("data", "config", "meta")]
+    if best:
+        json_files.append(step_dir / "metrics" / "metrics")
+    for path in json_files:
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            return f"{path.relative_to(step_dir)} is unreadable ({_first_line(e, 80)})"
+    return None
+
+
+@dataclasses.dataclass
+class Restored:
+    """What :meth:`Checkpointer.resume` found: the newest good checkpoint, restored."""
+
+    step: int
+    which: str  # "latest" or "best"
+    path: Path
+    state: Any
+    data_state: dict
+    config: dict
+    meta: dict
 
 
 class Checkpointer:
@@ -72,19 +153,21 @@ class Checkpointer:
         e.g. at epoch ends).
       max_to_keep: newest checkpoints kept in ``checkpoints/``.
       async_save: write in a background thread.
-      read_only: open for restoring only (evaluate/predict); creates nothing.
+      read_only: open for restoring only (evaluate/predict); creates and renames nothing.
+      warn: where warnings go (default: this module's logger).
     """
 
     def __init__(self, workdir: str | Path, *, save_every_steps: int = 0, max_to_keep: int = 3,
-                 async_save: bool = True, read_only: bool = False):
+                 async_save: bool = True, read_only: bool = False, warn: WarnFn | None = None):
         self.workdir = Path(workdir).absolute()
         self.save_every_steps = int(save_every_steps or 0)
-        names = ("state", "data", "config", "meta")
+        self.read_only = read_only
+        self._warn = warn or log.warning
         latest_opts = _options(max_to_keep, async_=async_save, read_only=read_only)
         best_opts = _options(1, best=True, async_=async_save, read_only=read_only)
         with _quiet_absl(read_only):  # orbax warns that a read-only directory is read-only
-            self._latest = ocp.CheckpointManager(self.workdir / LATEST_DIR, options=latest_opts, item_names=names)
-            self._best = ocp.CheckpointManager(self.workdir / BEST_DIR, options=best_opts, item_names=names)
+            self._latest = ocp.CheckpointManager(self.workdir / LATEST_DIR, options=latest_opts, item_names=ITEMS)
+            self._best = ocp.CheckpointManager(self.workdir / BEST_DIR, options=best_opts, item_names=ITEMS)
         self._best_value = self._read_best_metric()
 
     # ------------------------------------------------------------------ queries
@@ -100,7 +183,10 @@ class Checkpointer:
 
     def _read_best_metric(self) -> float | None:
         step = self._best.latest_step()
-        metrics = self._best.metrics(step) if step is not None else None
+        try:
+            metrics = self._best.metrics(step) if step is not None else None
+        except Exception:  # a damaged metrics file: resume() sets the step aside
+            return None
         return None if not metrics else float(metrics[BEST_METRIC])
 
     def _manager(self, which: Which):
@@ -114,6 +200,9 @@ class Checkpointer:
         if step is None:
             step = self._manager("best" if which == "latest" else "latest").latest_step()
         return step
+
+    def step_dir(self, which: Which, step: int) -> Path:
+        return self.workdir / (LATEST_DIR if which == "latest" else BEST_DIR) / str(step)
 
     # ------------------------------------------------------------------ saving
     @staticmethod
@@ -129,13 +218,17 @@ class Checkpointer:
         """True on the periodic save steps (``save_every_steps`` > 0)."""
         return bool(self.save_every_steps) and step % self.save_every_steps == 0
 
+    def is_saved(self, step: int) -> bool:
+        """Whether ``checkpoints/`` already holds (or is writing) ``step``."""
+        return step in self._latest.all_steps()
+
     def save(self, step: int, state, data_state: dict | None, config: dict, meta: dict | None = None, *,
              force: bool = False) -> bool:
-        """Saves to ``checkpoints/`` on a periodic step, or always with ``force`` (epoch end).
+        """Saves to ``checkpoints/`` on a periodic step, or always with ``force`` (epoch end, preemption).
 
         A step that is already saved is skipped. Returns whether a save started.
         """
-        if step in self._latest.all_steps():
+        if self.is_saved(step):
             return False
         if not force and not self.should_save(step):
             return False
@@ -158,8 +251,14 @@ class Checkpointer:
     def restore_config(self, which: Which = "latest", step: int | None = None) -> tuple[int, dict, dict]:
         """``(step, config dict, meta dict)`` of a checkpoint, without reading arrays."""
         mngr, step = self._resolve(which, step)
-        out = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
-                                                         meta=ocp.args.JsonRestore()))
+        try:
+            out = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                             meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise UnreadableCheckpointError(
+                f"checkpoint {mngr.directory / str(step)} has an unreadable config ({_first_line(e)}); "
+                f"use another checkpoint (--checkpoint best/latest) or retrain"
+            ) from e
         return step, dict(out["config"]), dict(out["meta"] or {})
 
     def restore(self, abstract_state, which: Which = "latest", step: int | None = None
@@ -168,17 +267,27 @@ class Checkpointer:
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings (see
         :func:`flax_resnet.training.state.abstract_train_state`).
+
+        Raises:
+          UnreadableCheckpointError: the files are damaged or do not fit ``abstract_state``
+            (a checkpoint of another model).
         """
         mngr, step = self._resolve(which, step)
-        out = mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore(),
-                config=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+        try:
+            out = mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                    config=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as e:
+            raise UnreadableCheckpointError(
+                f"cannot restore checkpoint {mngr.directory / str(step)}: it is damaged or was saved by "
+                f"an incompatible model ({_first_line(e)}); use a checkpoint of this model, or retrain"
+            ) from e
         return out["state"], dict(out["data"] or {}), dict(out["config"]), dict(out["meta"] or {})
 
     def _resolve(self, which: Which, step: int | None):
@@ -196,6 +305,75 @@ class Checkpointer:
         if step not in mngr.all_steps():
             raise UserError(f"no checkpoint at step {step} in {mngr.directory}; available: {list(mngr.all_steps())}")
         return mngr, step
+
+    # ------------------------------------------------------------------ resuming
+    def incomplete_dirs(self) -> list[Path]:
+        """Temporary directories of saves that never finished (ignored by Orbax)."""
+        return sorted(p for d in (LATEST_DIR, BEST_DIR) if (self.workdir / d).is_dir()
+                      for p in (self.workdir / d).iterdir() if p.is_dir() and TMP_MARKER in p.name)
+
+    def resume(self, abstract_state, check: Callable[[dict, dict], None] | None = None) -> Restored | None:
+        """Restores the newest *good* checkpoint of either kind, or ``None`` when there is none.
+
+        Candidates are tried newest first (``checkpoints/`` before ``checkpoints_best/`` at
+        the same step): a structural check, then ``check(config, meta)`` (which raises a
+        :class:`UserError` on a config mismatch: that stops the resume and renames
+        nothing), then the restore itself. Bad candidates and incomplete saves are renamed
+        ``<name>.corrupt`` with a warning, but only once a good checkpoint has been found;
+        if none is, a :class:`UserError` lists the problems and nothing is renamed.
+        """
+        if self.read_only:
+            raise ValueError("resume() needs a writable Checkpointer")
+        incomplete = [(p, "incomplete save (interrupted before it finished)") for p in self.incomplete_dirs()]
+        bad: list[tuple[Path, str]] = []
+        candidates = sorted(((step, which) for which in ("latest", "best") for step in self._manager(which).all_steps()),
+                            key=lambda c: (-c[0], c[1] != "latest"))
+        for step, which in candidates:
+            path = self.step_dir(which, step)
+            problem = structural_problem(path, best=which == "best")
+            if problem is None:
+                try:
+                    _, config, meta = self.restore_config(which, step)
+                except UnreadableCheckpointError as e:
+                    problem = f"unreadable config ({_first_line(e.__cause__ or e)})"
+            if problem is None:
+                if check is not None:
+                    check(config, meta)
+                try:
+                    state, data_state, config, meta = self.restore(abstract_state, which, step)
+                except UnreadableCheckpointError as e:
+                    problem = f"cannot restore it ({_first_line(e.__cause__ or e)})"
+            if problem is not None:
+                bad.append((path, problem))
+                continue
+            self._set_aside(bad + incomplete, resumed=path)
+            return Restored(step, which, path, state, data_state, config, meta)
+        if bad:  # finalised checkpoints exist but none is readable: touch nothing
+            listing = "; ".join(f"{p.parent.name}/{p.name}: {why}" for p, why in bad)
+            raise UserError(f"no readable checkpoint in {self.workdir} ({listing}); move the damaged ones away "
+                            f"or pass a fresh --workdir")
+        self._set_aside(incomplete, resumed=None)  # only interrupted first saves: start afresh
+        return None
+
+    def _set_aside(self, bad: list[tuple[Path, str]], resumed: Path | None) -> None:
+        if not bad:
+            return
+        for path, why in bad:
+            target = path.with_name(path.name + CORRUPT_SUFFIX)
+            n = 1
+            while target.exists():
+                target, n = path.with_name(f"{path.name}{CORRUPT_SUFFIX}.{n}"), n + 1
+            if jax.process_index() == 0:
+                path.rename(target)
+            where = f"resuming from {resumed.parent.name}/{resumed.name}" if resumed else "starting afresh"
+            self._warn(f"bad checkpoint {path}: {why}; moved it to {target.name}, {where}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("flax_resnet:checkpoints_set_aside")
+        self._latest.reload()
+        self._best.reload()
+        self._best_value = self._read_best_metric()
 
     # ------------------------------------------------------------------ lifecycle
     def wait(self) -> None:
@@ -221,3 +399,61 @@ def has_checkpoint(workdir: str | Path) -> bool:
         p.is_dir() and p.name.isdigit()
         for d in (root / LATEST_DIR, root / BEST_DIR) if d.is_dir() for p in d.iterdir()
     )
+
+
+# --------------------------------------------------------------------------- preemption
+class PreemptionGuard:
+    """Turns SIGTERM and SIGINT into a request to stop at the next step boundary.
+
+    Use as a context manager around the training loop; call :meth:`should_stop` between
+    steps. A second SIGINT (Ctrl-C twice) raises ``KeyboardInterrupt`` at once. Handlers
+    are only installed from the main thread (elsewhere the guard never fires), and the
+    previous handlers are restored on exit.
+
+    Args:
+      sync_every: with several processes, the stop decision is agreed through
+        :func:`flax_resnet.parallel.any_process` (a collective) every this many steps
+        only; a single process checks its flag at every step for free.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, sync_every: int = 1):
+        self.sync_every = max(int(sync_every), 1)
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop signal arrived in this process."""
+        return self.signum is not None
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def should_stop(self, step: int) -> bool:
+        """Whether every process should stop now (at ``step``): the hook for multi-host agreement."""
+        from flax_resnet import parallel
+
+        if jax.process_count() == 1:
+            return self.requested
+        if step % self.sync_every:
+            return False
+        return parallel.any_process(self.requested)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()

@@ -2,15 +2,28 @@
 
 Each subcommand parses its flags, calls one library function and prints the result.
 Logic lives in the package; this file only wires argparse to it.
+
+Exit status: 0 done; 2 a user error (bad input, unreadable checkpoint, diverged training),
+printed as one line without a traceback (``--debug`` shows it); 3 training stopped by
+SIGTERM/SIGINT after saving a checkpoint (rerun the same command to resume); 4 an
+unexpected error in a multi-process run (e.g. a collective failed because another process
+died); 130 a second Ctrl-C (interrupted without saving). In a multi-process run only process
+0 prints results; every process prints its own errors, prefixed ``[process I/N]``, and leaves
+at once (without JAX's shutdown barrier), so the others notice within the heartbeat timeout.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
 from flax_resnet.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 3
+EXIT_MULTIPROCESS_ERROR = 4
 
 
 # --------------------------------------------------------------------------- models
@@ -40,20 +53,42 @@ def _add_train(sub):
                    help=f"a recipe ({', '.join(list_configs())}; default {DEFAULT_CONFIG}) or a path to a .py file")
     p.add_argument("--workdir", default=None,
                    help="run directory for checkpoints and logs (default runs/<config name>)")
+    _add_distributed_flags(p)
     p.set_defaults(func=_cmd_train, accepts_overrides=True)
+
+
+def _add_distributed_flags(p):
+    g = p.add_argument_group(
+        "multi-process training",
+        "Start the same command once per process (one per host, or per GPU), each with its own "
+        "--process_id; the workdir must be on storage every process sees. Without these flags the "
+        "FLAX_RESNET_COORDINATOR_ADDRESS/NUM_PROCESSES/PROCESS_ID variables are read, and under "
+        "SLURM (srun), Open MPI or FLAX_RESNET_DISTRIBUTED=on (TPU pods) JAX detects them itself.")
+    g.add_argument("--coordinator_address", "--coordinator-address", dest="coordinator_address", default=None,
+                   metavar="HOST:PORT", help="process 0's host and a free port, the same on every process")
+    g.add_argument("--num_processes", "--num-processes", dest="num_processes", type=int, default=None,
+                   metavar="N", help="number of processes in the run")
+    g.add_argument("--process_id", "--process-id", dest="process_id", type=int, default=None,
+                   metavar="I", help="this process, 0..N-1 (0 runs the coordinator)")
 
 
 def _cmd_train(args):
     from pathlib import Path
 
+    from flax_resnet import parallel
     from flax_resnet.configs import DEFAULT_CONFIG, load_config
     from flax_resnet.training import train_and_evaluate
+    from flax_resnet.training.logging import is_main_process
 
     name = args.config or DEFAULT_CONFIG
-    config = load_config(name, args.overrides)
+    config = load_config(name, args.overrides)  # no JAX computation before this point
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     workdir = args.workdir or str(Path("runs") / Path(name).stem)
-    train_and_evaluate(config, workdir)
-    print(f"outputs in {workdir}: metrics.jsonl, curves.png, TensorBoard events, checkpoints/")
+    # Flushed: status lines reach a redirected log at once (a killed job keeps them).
+    summary = train_and_evaluate(config, workdir, print_fn=lambda *a, **k: print(*a, **k, flush=True))
+    if is_main_process():
+        print(f"outputs in {workdir}: metrics.jsonl, curves.png, TensorBoard events, checkpoints/")
+    return EXIT_PREEMPTED if summary.preempted else 0
 
 
 def _add_evaluate(sub):
@@ -118,8 +153,85 @@ def _cmd_prepare(args):
     print(prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir))
 
 
+# --------------------------------------------------------------------------- fine-tuning and weights
+def _add_finetune(sub):
+    p = sub.add_parser(
+        "finetune", help="fine-tune torchvision/timm weights on an image folder (new head)",
+        description="Fine-tune pretrained weights (.safetensors or .pth, torchvision/timm layout) on a "
+                    "dataset, with a new head sized to its classes. A folder:PATH dataset is prepared "
+                    "on first use. Resumes from --workdir like `train`. Any --config.FIELD=VALUE applies.",
+    )
+    p.add_argument("--pretrained", default=None, metavar="FILE",
+                   help="weights file (.safetensors, or .pth read with torch.load(weights_only=True)), "
+                        "or a flax_resnet run directory (its best checkpoint)")
+    p.add_argument("--model", default=None, help="the weights' architecture (default: the recipe's, resnet50)")
+    p.add_argument("--dataset", default=None, metavar="folder:PATH",
+                   help="folder:PATH with PATH/train/<class>/* and PATH/val/<class>/*, or a prepared TFDS name")
+    p.add_argument("--config", default="finetune_folder", metavar="NAME|PATH",
+                   help="recipe to start from (default finetune_folder)")
+    p.add_argument("--workdir", default=None, help="run directory (default runs/finetune_<model>)")
+    p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None, help="TFDS data directory")
+    p.add_argument("--freeze-backbone", action="store_true", default=None,
+                   help="train only the head; the backbone gets exactly zero updates")
+    p.add_argument("--freeze-bn-stats", action="store_true", default=None,
+                   help="backbone BatchNorm normalises with, and keeps, its running statistics")
+    p.add_argument("--backbone-lr-mult", type=float, default=None, metavar="X",
+                   help="backbone learning rate = learning_rate * X (recipe default 0.1)")
+    p.add_argument("--unfreeze-epochs", default=None, metavar="E1,E2,...",
+                   help="gradual unfreezing: epoch from which each backbone group, from the top "
+                        "(layer4, layer3, ..., stem), trains; unlisted groups stay frozen")
+    p.set_defaults(func=_cmd_finetune, accepts_overrides=True)
+
+
+def _cmd_finetune(args):
+    from flax_resnet.configs import apply_overrides, get_config
+    from flax_resnet.training.finetune import finetune
+
+    config = get_config(args.config)
+    flags = {"pretrained": args.pretrained, "model": args.model, "dataset": args.dataset,
+             "data_dir": args.data_dir, "freeze_backbone": args.freeze_backbone,
+             "freeze_bn_stats": args.freeze_bn_stats, "backbone_lr_mult": args.backbone_lr_mult}
+    with config.ignore_type():
+        for key, value in flags.items():
+            if value is not None:
+                config[key] = value
+        if args.unfreeze_epochs is not None:
+            try:
+                config.unfreeze_epochs = tuple(float(e) for e in args.unfreeze_epochs.split(",") if e.strip())
+            except ValueError:
+                raise UserError(f"--unfreeze-epochs {args.unfreeze_epochs!r}: give epochs like 1,2,3") from None
+    config = apply_overrides(config, args.overrides)
+    workdir = args.workdir or f"runs/finetune_{config.model}"
+    finetune(config, workdir)
+    print(f"outputs in {workdir}: metrics.jsonl, curves.png, TensorBoard events, checkpoints/; "
+          f"export with: flax-resnet convert {workdir} OUT.safetensors")
+
+
+def _add_convert(sub):
+    p = sub.add_parser(
+        "convert", help="check torchvision/timm weights against a model, or export a run, as .safetensors",
+        description="IN is a weights file (.pth/.pt read with torch.load(weights_only=True), or "
+                    ".safetensors) of the architecture --model names, or a flax_resnet run directory. "
+                    "OUT is a torchvision-layout .safetensors file, readable without PyTorch here and "
+                    "by torchvision's load_state_dict(strict=True) there.",
+    )
+    p.add_argument("src", metavar="IN", help="weights file or run directory")
+    p.add_argument("dst", metavar="OUT", help="output .safetensors file")
+    p.add_argument("--model", default=None, help="architecture of IN's weights, e.g. resnet50 (for files)")
+    p.add_argument("--checkpoint", choices=("best", "latest"), default="best",
+                   help="for a run directory: the best (default) or the newest checkpoint")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args):
+    from flax_resnet.pretrained import convert
+
+    print(convert(args.src, args.dst, model=args.model, which=args.checkpoint))
+
+
 # --------------------------------------------------------------------------- main
-_SUBCOMMANDS = [_add_models, _add_train, _add_evaluate, _add_predict, _add_prepare]
+_SUBCOMMANDS = [_add_models, _add_train, _add_evaluate, _add_predict, _add_prepare, _add_finetune,
+                _add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,16 +251,68 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     try:
-        args.func(args)
+        status = args.func(args)
     except UserError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {_process_tag()}{e}", file=sys.stderr)
+        status = EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+        print(f"{_process_tag()}interrupted", file=sys.stderr)
+        status = 130
+    except Exception as e:
+        if not _multi_process():
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {_process_tag()}{_multi_process_error(e)}", file=sys.stderr)
+        status = EXIT_MULTIPROCESS_ERROR
+    status = int(status or 0)
+    if status not in (0, EXIT_PREEMPTED) and _multi_process():
+        _leave_now(status)
+    return status
+
+
+def _multi_process() -> bool:
+    import jax
+
+    return jax.distributed.is_initialized()
+
+
+# Words in the errors JAX/gloo/Orbax raise when a collective or barrier loses a peer process.
+_PEER_LOST = ("gloo", "connection reset", "connection closed", "socket closed", "heartbeat", "coordination service",
+              "barrier")
+
+
+def _multi_process_error(e: BaseException) -> str:
+    """One line for an unexpected error in a multi-process run, naming the likely cause."""
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    what = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    if any(word in str(e).lower() for word in _PEER_LOST):
+        return (f"lost contact with another process of this run ({what}); it probably died or was killed: see its "
+                f"log, then rerun the same command on every process to resume from the last checkpoint")
+    return f"{what}; rerun with --debug for the traceback"
+
+
+def _process_tag() -> str:
+    """``[process I/N] `` in a multi-process run (every process prints its own errors), else nothing."""
+    if not _multi_process():
+        return ""
+    import jax
+
+    return f"[process {jax.process_index()}/{jax.process_count()}] "
+
+
+def _leave_now(status: int) -> None:
+    """Exits a failed multi-process run at once.
+
+    A normal exit would wait (JAX's shutdown barrier, up to 5 minutes) for processes that may
+    be blocked in a collective waiting for this one; leaving makes them fail within the
+    heartbeat timeout instead.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

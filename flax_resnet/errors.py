@@ -1,9 +1,9 @@
 """User-facing errors.
 
 Anything the user can fix (an unknown model, a dataset that is not prepared, a bad
-flag, a corrupt checkpoint) is raised as a :class:`UserError` whose message names the
-problem *and* the fix in one line. The CLI prints it without a traceback and exits
-with status 2 (``--debug`` shows the traceback).
+flag, a corrupt checkpoint, a diverged run) is raised as a :class:`UserError` whose
+message names the problem *and* the fix in one line. The CLI prints it without a
+traceback and exits with status 2 (``--debug`` shows the traceback).
 """
 
 
@@ -13,3 +13,15 @@ class UserError(Exception):
 
 class DatasetNotPreparedError(UserError):
     """The requested dataset has not been prepared in the data directory."""
+
+
+class TrainingDivergedError(UserError):
+    """The loss (or the model state) became NaN/inf; the run stopped without saving that state.
+
+    Attributes:
+      step: the first step seen with a non-finite value.
+    """
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step

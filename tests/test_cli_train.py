@@ -1,12 +1,11 @@
 """End to end through the CLI: `train` on digits with a tiny model, then `evaluate` and `predict`.
 
-One short run (resnet8, 2 epochs, 8 simulated devices) is shared by every test here.
+One short run (resnet8, 2 epochs, 8 simulated devices; ``digits_run`` in conftest.py) is shared
+by every test here and by tests/test_checkpointing.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 
@@ -19,15 +18,9 @@ EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("digits_run")
-    argv = ["train", "--workdir", str(workdir), "--config", "digits_resnet20",
-            "--config.model=resnet8", f"--config.num_epochs={EPOCHS}", "--config.batch_size=64",
-            "--config.log_every_steps=4", "--config.checkpoint_every_steps=8"]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = main(argv)
-    return workdir, rc, out.getvalue()
+def run(digits_run):
+    """The session's shared run (tests/conftest.py: resnet8, EPOCHS epochs, batch 64, saves every 8 steps)."""
+    return digits_run
 
 
 def test_train_prints_the_run(run):

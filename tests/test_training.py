@@ -262,9 +262,10 @@ def test_every_recipe_loads_and_documents_how_to_run():
             "cifar10_article", "imagenet_resnet50"} <= set(names)
     for name in names:
         c = get_config(name)
-        assert c.model and c.dataset
         doc = importlib.import_module(f"flax_resnet.configs.{name}").__doc__
         assert "Run:" in doc and "Expect" in doc, name
+        # A recipe either names its dataset or its docstring says how to pass one.
+        assert c.model and (c.dataset or "--dataset" in doc), name
 
 
 def test_config_overrides_and_errors(tmp_path):

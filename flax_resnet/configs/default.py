@@ -13,6 +13,16 @@ Fields:
   momentum, nesterov, weight_decay (conv/linear kernels only), label_smoothing.
   half_precision: bfloat16 compute, float32 params, BatchNorm statistics and loss.
   augment, num_workers: data augmentation on/off and data-loader worker processes.
+  image_size: side of the square images of variable-size datasets (folders, ImageNet);
+    0: the data layer's default (224). Fixed-size datasets (digits, CIFAR) ignore it.
+  pretrained: a torchvision/timm weights file (.safetensors or .pth) loaded into a fresh
+    run before the first step (a resumed run restores its checkpoint instead);
+    keep_pretrained_head: also load its classifier (default: a new head sized to the
+    dataset). Fine-tuning (flax_resnet.training.finetune): freeze_backbone (exactly zero
+    updates for all but ``fc``), freeze_bn_stats (backbone BatchNorm uses and keeps its
+    running statistics), backbone_lr_mult (backbone lr = learning_rate * this),
+    unfreeze_epochs (gradual unfreezing: epoch from which each backbone group, from the
+    top, trains; unlisted groups stay frozen).
   log_every_steps, checkpoint_every_steps (0: only at epoch ends), max_to_keep,
   async_checkpointing, seed.
 """
@@ -31,6 +41,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_split = None
     c.augment = True
     c.num_workers = 0
+    c.image_size = 0
+
+    c.pretrained = ""
+    c.keep_pretrained_head = False
+    c.freeze_backbone = False
+    c.freeze_bn_stats = False
+    c.backbone_lr_mult = 1.0
+    c.unfreeze_epochs = ()
 
     c.batch_size = 128
     c.eval_batch_size = 0

@@ -7,7 +7,11 @@ Only process 0 writes or prints; on other processes every method is a no-op.
 * ``"train"`` every ``log_every_steps``: ``step, epoch, loss, top1, [top5], lr, grad_norm, images_per_sec``
   (means over the steps since the previous line);
 * ``"eval"`` once per epoch: ``step, epoch, train_loss, train_top1, test_loss, test_top1,
-  [test_top5], test_count, elapsed_s``.
+  [test_top5], test_count, elapsed_s``;
+* ``"resume"`` when a run restarts from a checkpoint: ``step, checkpoint``. The file is only
+  ever appended to: records after a ``resume`` at step ``s`` supersede earlier records with a
+  step above ``s`` (steps redone after a crash). In ``train`` records of a resumed epoch, the
+  epoch's ``train_loss`` in ``eval`` covers only the steps run since the resume.
 """
 
 from __future__ import annotations

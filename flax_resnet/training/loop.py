@@ -4,13 +4,21 @@
 data iterators, model, optimiser and jitted steps, resumes from the newest checkpoint
 in ``workdir`` if there is one, trains epoch by epoch with one evaluation per epoch,
 and writes checkpoints, ``metrics.jsonl``, TensorBoard events and ``curves.png``.
+
+Fault tolerance lives here and in :mod:`flax_resnet.checkpoint`: a resumed run continues
+bit-identically (state, RNG, optimiser and data-iterator position are restored); SIGTERM or
+SIGINT stop the loop at the next step boundary with a checkpoint (``TrainSummary.preempted``);
+a NaN/inf loss stops it with :class:`~flax_resnet.errors.TrainingDivergedError`, and no state
+produced after a non-finite loss is ever saved.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,12 +30,12 @@ import numpy as np
 import optax
 
 from flax_resnet import parallel
-from flax_resnet.checkpoint import Checkpointer
-from flax_resnet.errors import UserError
+from flax_resnet.checkpoint import Checkpointer, PreemptionGuard
+from flax_resnet.errors import TrainingDivergedError, UserError
 from flax_resnet.training import logging as run_logging
-from flax_resnet.training import schedules, steps
+from flax_resnet.training import finetune, schedules, steps
 from flax_resnet.training.state import (
-    abstract_train_state, compute_dtype, count_params, create_optimizer, create_train_state,
+    abstract_train_state, compute_dtype, count_params, create_optimizer, create_train_state, transfer_weights,
 )
 
 PrintFn = Callable[..., None]
@@ -47,6 +55,8 @@ class TrainSummary:
     compile_s: float
     wall_s: float
     images_per_sec: float
+    preempted: bool = False  # stopped early by SIGTERM/SIGINT, after saving a checkpoint at ``steps``
+    stop_signal: str = ""
 
 
 def _info_dict(info) -> dict[str, Any]:
@@ -69,6 +79,11 @@ def format_config(config, indent: str = "  ") -> str:
 
     walk(config.to_dict() if hasattr(config, "to_dict") else dict(config), indent)
     return "\n".join(lines)
+
+
+def _image_size(config) -> int | None:
+    """``config.image_size`` (side of variable-size images, e.g. folders); None: the dataset's default."""
+    return int(config.get("image_size", 0) or 0) or None
 
 
 def _eval_batch_size(config, mesh) -> int:
@@ -98,7 +113,7 @@ def _eval_batches(config, info, batch_size, split=None):
     return data.eval_batches(
         config.dataset, batch_size=parallel.per_process_batch_size(batch_size), data_dir=config.data_dir,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        split=split or config.get("eval_split") or None,
+        split=split or config.get("eval_split") or None, image_size=_image_size(config),
     )
 
 
@@ -111,36 +126,51 @@ def _global_batches(data_iter, mesh, first=None):
 
 
 def _train_epoch(train_fn, state, batches, *, step, epoch, num_epochs, epoch_start, epoch_end, config, logger,
-                 save, should_save):
+                 save, should_save, check_metrics, should_stop):
     """Runs the steps ``[step, epoch_end)`` of one epoch with a progress bar.
 
     Metrics stay on device and are fetched once per ``log_every_steps`` (one sync), then
-    logged and shown as the running loss and images/s. Periodic checkpoints go through
-    ``save(state, step)`` on the steps ``should_save`` names (epoch ends are saved by the caller).
-    Returns ``(state, fetched metric rows, images/s per log interval)``.
+    checked (``check_metrics(rows, first_step)`` raises on NaN/inf), logged and shown as the
+    running loss and images/s. Periodic checkpoints go through ``save(state, step)`` on the
+    steps ``should_save`` names, after the metrics up to that step are fetched and checked
+    (epoch ends are saved by the caller). ``should_stop(step)`` is asked before every step.
+    Returns ``(state, step reached, fetched metric rows, images/s per log interval, stopped)``.
     """
     log_every = max(int(config.log_every_steps), 1)
     bar = run_logging.Progress(epoch_end - epoch_start, initial=step - epoch_start,
                                desc=f"epoch {epoch + 1}/{num_epochs}")
     pending, rows, rates, meter = [], [], [], run_logging.Throughput()
-    while step < epoch_end:
-        state, metrics = train_fn(state, next(batches))
-        step += 1
-        pending.append(metrics)
-        meter.add(config.batch_size)
-        postfix = {}
-        if step % log_every == 0 or step == epoch_end:
-            fetched, pending = jax.device_get(pending), []
-            rate = meter.mark()
-            rates.append(rate)
-            rows += fetched
-            logger.log("train", step, {"epoch": epoch + 1, **run_logging.mean_metrics(fetched), "images_per_sec": rate})
-            postfix = {"loss": f"{run_logging.mean_metrics(rows)['loss']:.4f}", "img/s": f"{rate:.0f}"}
-        bar.update(1, **postfix)
-        if step != epoch_end and should_save(step):
-            save(state, step)
-    bar.close()
-    return state, rows, rates
+
+    def flush():
+        nonlocal pending
+        fetched, pending = jax.device_get(pending), []
+        check_metrics(fetched, step - len(fetched) + 1)
+        rate = meter.mark()
+        rates.append(rate)
+        rows.extend(fetched)
+        logger.log("train", step, {"epoch": epoch + 1, **run_logging.mean_metrics(fetched), "images_per_sec": rate})
+        return {"loss": f"{run_logging.mean_metrics(rows)['loss']:.4f}", "img/s": f"{rate:.0f}"}
+
+    stopped = False
+    try:
+        while step < epoch_end:
+            if should_stop(step):
+                stopped = True
+                break
+            state, metrics = train_fn(state, next(batches))
+            step += 1
+            pending.append(metrics)
+            meter.add(config.batch_size)
+            save_now = step != epoch_end and should_save(step)
+            postfix = flush() if (step % log_every == 0 or step == epoch_end or save_now) else {}
+            bar.update(1, **postfix)
+            if save_now:
+                save(state, step)
+        if pending:  # stopped between two log intervals
+            flush()
+    finally:
+        bar.close()  # before any error message is printed
+    return state, step, rows, rates, stopped
 
 
 def _report_epoch(say, logger, step, epoch, num_epochs, train_rows, ev, elapsed):
@@ -157,47 +187,99 @@ def _report_epoch(say, logger, step, epoch, num_epochs, train_rows, ev, elapsed)
 
 
 # Fields that change the shapes or meaning of the saved state: a resumed run must keep them.
-_RESUME_KEYS = ("model", "model_kwargs", "dataset", "momentum", "nesterov", "seed")
+_RESUME_KEYS = ("model", "model_kwargs", "dataset", "momentum", "nesterov", "seed",
+                # fine-tuning: the optimiser's parameter groups (state structure) and BN mode
+                "freeze_backbone", "freeze_bn_stats", "backbone_lr_mult", "unfreeze_epochs")
 
 
-def _check_resumable(ckpt: Checkpointer, config, workdir) -> None:
-    _, saved, _ = ckpt.restore_config("latest")
-    now = config.to_dict()
-    diff = [k for k in _RESUME_KEYS if k in saved and saved[k] != now.get(k)]
+def _check_resumable(saved: dict, saved_meta: dict, config, info, workdir) -> None:
+    """Raises a :class:`UserError` naming every key where ``workdir``'s checkpoint differs from ``config``."""
+    now = json.loads(json.dumps(config.to_dict()))  # as saved: tuples become lists
+    diff = [(k, saved[k], now.get(k)) for k in _RESUME_KEYS if k in saved and saved[k] != now.get(k)]
+    saved_info = saved_meta.get("dataset_info") or {}
+    for key, current in (("num_classes", int(info.num_classes)), ("in_channels", int(info.image_shape[-1]))):
+        was = saved_info.get(key) if key == "num_classes" else (saved_info.get("image_shape") or [None])[-1]
+        if was is not None and int(was) != current:
+            diff.append((key, int(was), current))
     if diff:
-        what = ", ".join(f"{k}={saved[k]!r} (now {now.get(k)!r})" for k in diff)
-        raise UserError(f"{workdir} holds a run with {what}; pass a fresh --workdir or the same settings to resume")
+        what = ", ".join(f"{k}={a!r} (now {b!r})" for k, a, b in diff)
+        raise UserError(f"{workdir} holds a run with {what}; resume with the same settings or pass a fresh --workdir "
+                        f"(to start from its weights with a new head, fine-tune into a fresh workdir)")
+
+
+def _check_workdir(workdir: Path) -> None:
+    """Creates ``workdir`` and proves it is writable, before anything is trained or saved."""
+    probe = workdir / f".flax_resnet_write_test.{jax.process_index()}"  # one per process: they run concurrently
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to workdir {workdir} ({e.strerror or e}); pass a writable --workdir") from None
+
+
+def _warn_fn(main: bool):
+    return (lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True)) if main else (lambda msg: None)
+
+
+def _nonfinite(row: dict) -> str | None:
+    for key in ("loss", "grad_norm"):
+        if key in row and not np.isfinite(row[key]):
+            return f"{key} is {float(row[key])}"
+    return None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
-                       print_fn: PrintFn = print) -> TrainSummary:
+                       print_fn: PrintFn = print, mesh=None, init_from: str | Path | None = None,
+                       new_head: bool = False) -> TrainSummary:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint) and evaluates every epoch.
 
     Args:
       config: a recipe (see :mod:`flax_resnet.configs`), overrides applied.
       workdir: run directory for checkpoints, ``metrics.jsonl``, TensorBoard events, ``curves.png``.
-      print_fn: where the human-readable lines go (only process 0 prints).
+        If it holds checkpoints, the newest good one is restored (damaged ones are set
+        aside with a warning) and training continues exactly where it stopped.
+      print_fn: where the human-readable lines go (only process 0 prints; warnings go to stderr).
+      mesh: the device mesh (default: all devices, :func:`flax_resnet.parallel.create_mesh`).
+      init_from: a fresh run (no checkpoint in ``workdir``) starts from the weights (params
+        and BatchNorm statistics) of this run directory's best checkpoint instead of a
+        random init; optimiser, step and data stream start afresh. Ignored when resuming.
+      new_head: with ``init_from``, keep this model's freshly initialised classifier
+        (``fc``) instead of the source's: the fine-tuning flow, where class counts may
+        differ. Without it, any difference in weight names/shapes is a :class:`UserError`.
 
     Returns:
-      A :class:`TrainSummary` with final and best test top-1, compile time and throughput.
+      A :class:`TrainSummary` with final and best test top-1, compile time and throughput;
+      ``preempted`` is set when SIGTERM/SIGINT stopped the run after saving a checkpoint.
+
+    Raises:
+      UserError: bad input (unknown model/dataset, bad batch size, unwritable workdir, a
+        workdir holding a run of another model/dataset, ...), found before anything is
+        written; :class:`TrainingDivergedError` when the loss becomes NaN/inf.
     """
     from flax_resnet import data
+    from flax_resnet.models import registry
 
     parallel.initialize_distributed()  # no-op unless launched as one of several processes
     t_start = time.perf_counter()
     main = run_logging.is_main_process()
     say = print_fn if main else (lambda *a, **k: None)
+    warn = _warn_fn(main)
     workdir = Path(workdir)
 
-    info = data.get_dataset_info(config.dataset, config.data_dir)
-    mesh = parallel.create_mesh()
+    # Bad input fails here, before anything is written.
+    registry.get_spec(config.model)
+    info = data.get_dataset_info(config.dataset, config.data_dir, image_size=_image_size(config))
+    mesh = parallel.create_mesh() if mesh is None else mesh
     parallel.check_batch_size(config.batch_size, mesh)
     eval_bs = _eval_batch_size(config, mesh)
+    _check_workdir(workdir)
+    log_every = max(int(config.log_every_steps), 1)
     with contextlib.ExitStack() as stack:
         data_iter = data.train_iterator(
             config.dataset, batch_size=parallel.per_process_batch_size(config.batch_size), seed=config.seed,
             data_dir=config.data_dir, process_index=jax.process_index(), process_count=jax.process_count(),
-            augment=config.augment, num_workers=config.num_workers,
+            augment=config.augment, num_workers=config.num_workers, image_size=_image_size(config),
         )
         stack.callback(data_iter.close)
         data_position = data_iter.get_state
@@ -205,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         total_steps = int(config.num_train_steps) if config.num_train_steps > 0 else int(config.num_epochs) * steps_per_epoch
         num_epochs = math.ceil(total_steps / steps_per_epoch)
         lr_fn = schedules.create_learning_rate_fn(config, steps_per_epoch, total_steps)
-        tx = create_optimizer(config, lr_fn)
+        tx = create_optimizer(config, lr_fn, steps_per_epoch)
         num_classes, in_channels = int(info.num_classes), int(info.image_shape[-1])
         dtype = compute_dtype(config)
         config_dict = config.to_dict()
@@ -216,32 +298,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         say(f"dataset: {info.name} ({info.train_size} train / {info.eval_size} {info.eval_split}, "
             f"{num_classes} classes, {tuple(info.image_shape)}); global batch {config.batch_size}, "
             f"{steps_per_epoch} steps/epoch, {total_steps} steps ({num_epochs} epochs)")
+        if finetune.uses_param_groups(config) or config.get("freeze_bn_stats", False):
+            say(finetune.describe(config, steps_per_epoch))
 
         ckpt = Checkpointer(workdir, save_every_steps=config.checkpoint_every_steps,
-                            max_to_keep=config.max_to_keep, async_save=config.async_checkpointing)
+                            max_to_keep=config.max_to_keep, async_save=config.async_checkpointing, warn=warn)
         stack.callback(ckpt.close)
-        if ckpt.latest_step() is not None:
-            _check_resumable(ckpt, config, workdir)
+        abstract = graph = None
+        if ckpt.latest_step() is not None or ckpt.best_step() is not None:
             abstract, graph = abstract_train_state(config, num_classes, in_channels, tx, mesh)
-            state, data_state, _, _ = ckpt.restore(abstract, "latest")
-            if data_state:
-                data_iter.set_state(data_state)
-            say(f"resumed from {ckpt.workdir / 'checkpoints'} at step {int(state.step)}")
+        restored = ckpt.resume(abstract, check=lambda saved, saved_meta: _check_resumable(
+            saved, saved_meta, config, info, workdir))
+        if restored is not None:
+            state = restored.state
+            if restored.data_state:
+                data_iter.set_state(restored.data_state)
+            say(f"resumed from {restored.path} at step {int(state.step)}")
         else:
             state, graph = create_train_state(config, num_classes, in_channels, tx, mesh)
+            if config.get("pretrained"):  # loaded by create_train_state
+                say(f"initialised from {config.pretrained} (" + ("its head" if config.get("keep_pretrained_head")
+                                                               else f"new {num_classes}-class head") + ")")
+            if init_from is not None:
+                state = _init_weights_from(init_from, state, mesh, new_head=new_head)
+                say(f"initialised from {init_from}" + (" (new head)" if new_head else ""))
         say(f"model: {config.model} ({count_params(state.params):,} params, compute {jnp.dtype(dtype).name})")
 
         train_fn = steps.jit_train_step(mesh, graph=graph, tx=tx, learning_rate_fn=lr_fn, num_classes=num_classes,
                                         label_smoothing=config.label_smoothing, compute_dtype=dtype)
         eval_fn = steps.jit_eval_step(mesh, graph=graph, num_classes=num_classes, compute_dtype=dtype)
+        state_is_finite = jax.jit(steps.all_finite)
 
         step = start_step = int(state.step)
         logger = stack.enter_context(run_logging.RunLogger(workdir))
         logger.log_text("config", f"```\n{format_config(config)}\n```")
+        if restored is not None:  # later records supersede earlier ones with a larger step
+            logger.log("resume", step, {"checkpoint": str(restored.path)})
+        guard = stack.enter_context(PreemptionGuard(sync_every=log_every))
+
+        def diverged(at: int, what: str) -> TrainingDivergedError:
+            last = ckpt.latest_step()
+            kept = (f"the last good checkpoint, step {last} in {ckpt.workdir / 'checkpoints'}, is intact"
+                    if last is not None else "no checkpoint was written")
+            return TrainingDivergedError(
+                f"training diverged at step {at}: {what}; stopped without saving it, {kept}. Lower "
+                f"--config.learning_rate (now {config.learning_rate}) or lengthen the warm-up, then rerun", at)
+
+        def check_metrics(rows, first_step):
+            for i, row in enumerate(rows):
+                what = _nonfinite(row)
+                if what:
+                    raise diverged(first_step + i, what)
+
+        def save(st, n, save_meta=meta, *, force=False):
+            """Every save goes through here: never a state with NaN/inf in it."""
+            if ckpt.is_saved(n):
+                return
+            if not bool(state_is_finite(st.params, st.batch_stats, st.opt_state)):
+                raise diverged(n, "the model state has NaN/inf values")
+            position = data_position()
+            if position.get("step") != n:  # the iterator is pulled on demand, so this is a bug
+                raise RuntimeError(f"data iterator at batch {position.get('step')} but state at step {n}")
+            ckpt.save(n, st, position, config_dict, save_meta, force=force)
+
         best_top1, best_epoch = ckpt.best_metric() or 0.0, 0
         final: dict[str, float] = {}
         compile_s, rates = 0.0, []
         batches = None
+        stopped = False
         if step < total_steps:
             first = parallel.shard_batch(next(data_iter), mesh)
             t0 = time.perf_counter()
@@ -251,36 +375,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             batches = _global_batches(data_iter, mesh, first)
         for epoch in range(step // steps_per_epoch, num_epochs):
             epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
-            state, train_rows, epoch_rates = _train_epoch(
+            state, step, train_rows, epoch_rates, stopped = _train_epoch(
                 train_fn, state, batches, step=step, epoch=epoch, num_epochs=num_epochs,
                 epoch_start=epoch * steps_per_epoch, epoch_end=epoch_end, config=config, logger=logger,
-                save=lambda st, n: ckpt.save(n, st, data_position(), config_dict, meta),
-                should_save=ckpt.should_save,
+                save=save, should_save=ckpt.should_save, check_metrics=check_metrics, should_stop=guard.should_stop,
             )
-            step, rates = epoch_end, rates + epoch_rates
+            rates += epoch_rates
+            if stopped:
+                if step > start_step:
+                    save(state, step, force=True)
+                ckpt.wait()
+                saved = ckpt.latest_step()
+                say(f"stopped by {guard.signal_name or 'request'} at step {step}: "
+                    + (f"checkpoint saved in {ckpt.workdir / 'checkpoints' / str(saved)}; rerun the same command "
+                       "to resume" if saved is not None else "nothing trained yet, nothing saved"))
+                break
             final = evaluate_split(eval_fn, state, _eval_batches(config, info, eval_bs), mesh)
             _report_epoch(say, logger, step, epoch + 1, num_epochs, train_rows, final, time.perf_counter() - t_start)
-            position, epoch_meta = data_position(), {**meta, "epoch": epoch + 1, "test_top1": final["top1"]}
-            ckpt.save(step, state, position, config_dict, epoch_meta, force=True)
+            epoch_meta = {**meta, "epoch": epoch + 1, "test_top1": final["top1"]}
+            save(state, step, epoch_meta, force=True)
             if final["top1"] > best_top1:
                 best_top1, best_epoch = final["top1"], epoch + 1
-                ckpt.save_best(step, state, position, config_dict, epoch_meta, final["top1"])
-        if not final:  # nothing left to train (a finished run): just report
+                ckpt.save_best(step, state, data_position(), config_dict, epoch_meta, final["top1"])
+        if not final and not stopped:  # nothing left to train (a finished run): just report
             final = evaluate_split(eval_fn, state, _eval_batches(config, info, eval_bs), mesh)
         ckpt.wait()
     run_logging.plot_curves(workdir, title=f"{config.model} on {info.name}")
     wall = time.perf_counter() - t_start
     ips = float(np.median(rates[1:] if len(rates) > 1 else rates)) if rates else 0.0
-    timing = (f"{step - start_step} steps in {wall:.1f}s (compile {compile_s:.1f}s, ~{ips:.0f} images/s)"
-              if step > start_step else f"training was already complete at step {step}")
-    say(f"final test top-1 {100 * final['top1']:.2f}% (loss {final['loss']:.4f}); "
-        f"best {100 * max(best_top1, final['top1']):.2f}%"
-        + (f" at epoch {best_epoch}" if best_epoch else "") + f"; {timing}")
+    final = final or {"top1": float("nan"), "loss": float("nan")}
+    if not stopped:
+        timing = (f"{step - start_step} steps in {wall:.1f}s (compile {compile_s:.1f}s, ~{ips:.0f} images/s)"
+                  if step > start_step else f"training was already complete at step {step}")
+        say(f"final test top-1 {100 * final['top1']:.2f}% (loss {final['loss']:.4f}); "
+            f"best {100 * max(best_top1, final['top1']):.2f}%"
+            + (f" at epoch {best_epoch}" if best_epoch else "") + f"; {timing}")
     return TrainSummary(
         workdir=str(workdir), steps=step, epochs=num_epochs, final_top1=final["top1"], final_loss=final["loss"],
-        best_top1=max(best_top1, final["top1"]), best_epoch=best_epoch, compile_s=compile_s, wall_s=wall,
-        images_per_sec=ips,
+        best_top1=max(best_top1, final["top1"]) if not stopped else best_top1, best_epoch=best_epoch,
+        compile_s=compile_s, wall_s=wall, images_per_sec=ips, preempted=stopped, stop_signal=guard.signal_name,
     )
+
+
+def _init_weights_from(source: str | Path, state, mesh, *, new_head: bool):
+    """``state`` with params and BatchNorm statistics taken from ``source``'s best checkpoint."""
+    src = restore_model(source, "best", mesh=mesh)
+    what = f"the checkpoint in {source} ({src.config.model})"
+    params = transfer_weights(state.params, src.state.params, new_head=new_head, what=what)
+    stats = transfer_weights(state.batch_stats, src.state.batch_stats, new_head=new_head, what=what)
+    return state.replace(params=parallel.replicate(params, mesh), batch_stats=parallel.replicate(stats, mesh))
 
 
 # --------------------------------------------------------------------------- restore helpers
@@ -300,8 +443,15 @@ class RestoredModel:
         return compute_dtype(self.config)
 
 
-def restore_model(workdir: str | Path, which: str = "best") -> RestoredModel:
-    """Loads the newest (``which="latest"``) or best checkpoint of a run onto all devices."""
+def restore_model(workdir: str | Path, which: str = "best", *, mesh=None) -> RestoredModel:
+    """Loads the newest (``which="latest"``) or best checkpoint of a run onto ``mesh`` (default: all devices).
+
+    Raises:
+      UserError: no checkpoint; :class:`~flax_resnet.checkpoint.UnreadableCheckpointError`
+        when it is damaged or does not fit the model its config names.
+    """
+    if not Path(workdir).is_dir():
+        raise UserError(f"run directory {workdir} does not exist; pass the --workdir given to `flax-resnet train`")
     with Checkpointer(workdir, read_only=True) as ckpt:
         step, config_dict, meta = ckpt.restore_config(which)
         config = ml_collections.ConfigDict(config_dict)
@@ -309,7 +459,7 @@ def restore_model(workdir: str | Path, which: str = "best") -> RestoredModel:
         num_classes, in_channels = int(info["num_classes"]), int(info["image_shape"][-1])
         # The schedule does not change the optimiser state's structure; any callable will do.
         tx = create_optimizer(config, optax.constant_schedule(0.0))
-        mesh = parallel.create_mesh()
+        mesh = parallel.create_mesh() if mesh is None else mesh
         abstract, graph = abstract_train_state(config, num_classes, in_channels, tx, mesh)
         state, _, _, _ = ckpt.restore(abstract, which, step=step)
     return RestoredModel(state, graph, config, info, step, mesh)
@@ -327,7 +477,7 @@ def evaluate(workdir: str | Path, *, which: str = "best", split: str | None = No
     config = m.config
     if data_dir is not None:
         config.data_dir = data_dir
-    info = data.get_dataset_info(config.dataset, config.data_dir)
+    info = data.get_dataset_info(config.dataset, config.data_dir, image_size=_image_size(config))
     eval_bs = _eval_batch_size(config, m.mesh)
     eval_fn = steps.jit_eval_step(m.mesh, graph=m.graph, num_classes=int(info.num_classes),
                                   compute_dtype=m.compute_dtype)
@@ -358,7 +508,7 @@ def predict(workdir: str | Path, image_paths: Sequence[str | Path], *, which: st
     if missing:
         raise UserError(f"image file(s) not found: {', '.join(missing)}; check the paths")
     m = restore_model(workdir, which)
-    info = data.get_dataset_info(m.config.dataset, m.config.data_dir)
+    info = data.get_dataset_info(m.config.dataset, m.config.data_dir, image_size=_image_size(m.config))
     images = np.stack([np.asarray(data.preprocess_for_eval(_open_image(p), info), np.float32)
                        for p in image_paths])
     probs_fn = jax.jit(lambda s, x: steps.predict_step(s, x, graph=m.graph, compute_dtype=m.compute_dtype))

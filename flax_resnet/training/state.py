@@ -85,12 +85,18 @@ def create_model(config, num_classes: int, in_channels: int, *, seed: int | None
     )
 
 
-def split_model(model: nnx.Module) -> tuple[ModelGraph, PyTree, PyTree]:
-    """Splits a model into ``(ModelGraph, params, batch_stats)`` with pure-dict states."""
-    train_graph, params, batch_stats, rest = nnx.split(
-        nnx.view(model, use_running_average=False, raise_if_not_found=False),
-        nnx.Param, nnx.BatchStat, ...,
-    )
+def split_model(model: nnx.Module, *, freeze_bn_stats: bool = False) -> tuple[ModelGraph, PyTree, PyTree]:
+    """Splits a model into ``(ModelGraph, params, batch_stats)`` with pure-dict states.
+
+    With ``freeze_bn_stats`` the train graph's backbone BatchNorms (all but the head's)
+    normalise with, and never update, their running statistics (fine-tuning).
+    """
+    train_view = nnx.view(model, use_running_average=False, raise_if_not_found=False)
+    if freeze_bn_stats:
+        for path, module in nnx.iter_modules(train_view):
+            if isinstance(module, nnx.BatchNorm) and path[:1] != ("fc",):
+                module.use_running_average = True
+    train_graph, params, batch_stats, rest = nnx.split(train_view, nnx.Param, nnx.BatchStat, ...)
     if jax.tree.leaves(rest):
         raise ValueError(
             f"model holds state other than nnx.Param/nnx.BatchStat, which training does not carry: {rest}"
@@ -110,12 +116,20 @@ def weight_decay_mask(params: PyTree) -> PyTree:
     return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
-def create_optimizer(config, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(config, learning_rate_fn: optax.Schedule,
+                     steps_per_epoch: int | None = None) -> optax.GradientTransformation:
     """SGD with (Nesterov) momentum and L2 weight decay on kernels only.
 
     ``add_decayed_weights`` before ``sgd`` adds ``wd * w`` to the gradient, i.e. the
     paper's L2 regularisation ``wd/2 * ||w||^2`` (as PyTorch's ``SGD(weight_decay=...)``).
+    Fine-tuning options (frozen backbone, backbone learning-rate factor, gradual
+    unfreezing, which needs ``steps_per_epoch``) use per-group SGD instead:
+    :func:`flax_resnet.training.finetune.create_optimizer`.
     """
+    from flax_resnet.training import finetune
+
+    if finetune.uses_param_groups(config):
+        return finetune.create_optimizer(config, learning_rate_fn, steps_per_epoch)
     return optax.chain(
         optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
         optax.sgd(learning_rate_fn, momentum=config.momentum or None, nesterov=config.nesterov),
@@ -123,10 +137,22 @@ def create_optimizer(config, learning_rate_fn: optax.Schedule) -> optax.Gradient
 
 
 def init_train_state(
-    config, num_classes: int, in_channels: int, tx: optax.GradientTransformation
+    config, num_classes: int, in_channels: int, tx: optax.GradientTransformation, *,
+    load_pretrained: bool = False,
 ) -> tuple[TrainState, ModelGraph]:
-    """A fresh state (on the default device) and the model's static graph."""
-    graph, params, batch_stats = split_model(create_model(config, num_classes, in_channels))
+    """A fresh state (on the default device) and the model's static graph.
+
+    With ``load_pretrained`` the weights in ``config.pretrained`` (if set) replace the
+    random initialisation before the optimiser state is created; the head stays new
+    unless ``config.keep_pretrained_head``.
+    """
+    model = create_model(config, num_classes, in_channels)
+    if load_pretrained and config.get("pretrained"):
+        from flax_resnet import pretrained
+
+        pretrained.load_pretrained(model, config.pretrained,
+                                   load_head=bool(config.get("keep_pretrained_head", False)))
+    graph, params, batch_stats = split_model(model, freeze_bn_stats=bool(config.get("freeze_bn_stats", False)))
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -140,8 +166,12 @@ def init_train_state(
 def create_train_state(
     config, num_classes: int, in_channels: int, tx: optax.GradientTransformation, mesh
 ) -> tuple[TrainState, ModelGraph]:
-    """A fresh state replicated over ``mesh``, and the model's static graph."""
-    state, graph = init_train_state(config, num_classes, in_channels, tx)
+    """A fresh state replicated over ``mesh``, and the model's static graph.
+
+    Loads ``config.pretrained`` weights, if set: only a fresh run does (a resumed run
+    restores everything from its checkpoint).
+    """
+    state, graph = init_train_state(config, num_classes, in_channels, tx, load_pretrained=True)
     return parallel.replicate(state, mesh), graph
 
 
@@ -167,3 +197,47 @@ def abstract_train_state(
 
 def count_params(params: PyTree) -> int:
     return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+HEAD = "fc"  # the classifier's attribute (torchvision's name)
+
+
+def transfer_weights(target: PyTree, source: PyTree, *, new_head: bool = False, head: str = HEAD,
+                     what: str = "the source weights") -> PyTree:
+    """``target`` (nested dict of arrays) with every leaf taken from ``source``.
+
+    The fine-tuning hook: ``new_head=True`` keeps ``target``'s (freshly initialised)
+    classifier, the subtree under the top-level key ``head``, and loads everything else,
+    so the class count may differ. Otherwise both trees must have the same paths and shapes.
+    ``what`` names the source in error messages.
+
+    Raises:
+      UserError: naming the paths that are missing, extra or of another shape.
+    """
+    from flax import traverse_util
+
+    from flax_resnet.errors import UserError
+
+    flat_t = traverse_util.flatten_dict(target)
+    flat_s = traverse_util.flatten_dict(source)
+    fresh = lambda path: new_head and path[0] == head  # noqa: E731
+    name = lambda path: "/".join(str(k) for k in path)  # noqa: E731
+    out, diffs = {}, []
+    for path, t in flat_t.items():
+        s = flat_s.get(path)
+        if fresh(path):
+            out[path] = t
+        elif s is None:
+            diffs.append(f"{name(path)} missing")
+        elif tuple(s.shape) != tuple(t.shape):
+            diffs.append(f"{name(path)} {tuple(s.shape)} (needs {tuple(t.shape)})")
+        else:
+            out[path] = jnp.asarray(s, dtype=t.dtype)
+    diffs += [f"{name(p)} unexpected" for p in flat_s if p not in flat_t and not fresh(p)]
+    if diffs:
+        head_only = all(d.startswith(f"{head}/") for d in diffs)
+        fix = ("start with a new classifier (new_head=True)" if head_only
+               else "use weights of the same model (see `flax-resnet models`)")
+        shown = ", ".join(diffs[:4]) + (f" and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise UserError(f"{what} does not fit this model: {shown}; {fix}")
+    return traverse_util.unflatten_dict(out)

@@ -157,3 +157,11 @@ def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:
     if "correct5" in sums:
         out["top5"] = float(sums["correct5"]) / max(n, 1.0)
     return out
+
+
+def all_finite(*trees) -> jax.Array:
+    """A scalar bool: no NaN/inf in any floating-point leaf of ``trees`` (jit it; one reduction)."""
+    leaves = [x for t in trees for x in jax.tree.leaves(t) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))

@@ -1,0 +1,454 @@
+"""PyTorch weights <-> flax_resnet: torchvision and timm ``resnet*`` state dicts.
+
+Our modules carry torchvision's attribute names, so conversion is a mechanical renaming
+of the key plus a layout change of the array:
+
+=====================================  ==========================================  ==================
+PyTorch key                            flax_resnet path                            array
+=====================================  ==========================================  ==================
+``layer1.0.conv1.weight``              ``layer1/0/conv1/kernel``                   OIHW -> HWIO
+``layer1.0.downsample.0.weight``       ``layer1/0/downsample/0/kernel``            OIHW -> HWIO
+``fc.weight``                          ``fc/kernel``                               (out, in) -> (in, out)
+``*.bias`` (conv, linear, BN)          ``*/bias``                                  as is
+BN ``weight`` / ``running_mean`` /     ``scale`` / ``mean`` / ``var``              as is
+``running_var``
+BN ``num_batches_tracked``             (ignored on import, 0 on export)
+=====================================  ==========================================  ==================
+
+This covers torchvision's ``resnet18..152``, ``wide_resnet50_2``/``wide_resnet101_2``,
+``resnext50_32x4d``/``resnext101_32x8d`` and timm's plain ``resnet*`` (timm keeps
+torchvision's names: ``conv1``, ``bn1``, ``layer1..4``, ``downsample.0/1``, ``fc``).
+timm's deep-stem / avg-down variants (``resnet50d``, ...) have other modules and are
+refused, naming the first key that does not fit.
+
+Files are read without executing code: ``.safetensors`` with safetensors' numpy API
+(no PyTorch needed), ``.pth``/``.pt``/``.bin`` only through ``torch.load(weights_only=True)``.
+A checkpoint that needs arbitrary pickled objects is refused with a :class:`UserError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flax_resnet.errors import UserError
+
+StateDict = dict[str, np.ndarray]
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+IGNORED_SUFFIXES = ("num_batches_tracked",)
+# Wrappers training scripts put around a state dict (torchvision's references, timm's train.py, Lightning).
+_WRAPPER_KEYS = ("state_dict", "model", "model_state", "state_dict_ema", "model_ema", "module")
+_BN_NAMES = {"scale": "weight", "mean": "running_mean", "var": "running_var", "bias": "bias"}
+
+
+# --------------------------------------------------------------------------- reading files
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+    """Reads a PyTorch-layout state dict as float/int numpy arrays, executing no code.
+
+    ``.safetensors``: safetensors' numpy API (bfloat16 tensors, through ``ml_dtypes``,
+    are widened to float32). ``.pth``/``.pt``/``.bin``/``.ckpt``:
+    ``torch.load(weights_only=True)`` (needs PyTorch). A dict wrapped as
+    ``{"state_dict": ...}`` / ``{"model": ...}`` is unwrapped and a ``module.`` prefix
+    (``DataParallel``) stripped.
+
+    Raises:
+      UserError: missing file, unknown suffix, unreadable file, or a pickle that needs code.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"weights file {path} not found: pass an existing .safetensors or .pth file")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        sd = _read_safetensors(path)
+    elif suffix in TORCH_SUFFIXES:
+        sd = _read_torch(path)
+    else:
+        raise UserError(f"cannot tell the format of {path}: name it *.safetensors or *.pth/*.pt")
+    return _normalize_keys(sd, path)
+
+
+def _read_safetensors(path: Path) -> StateDict:
+    import ml_dtypes  # registers numpy's "bfloat16" (a JAX dependency), which bf16 files need
+    from safetensors.numpy import load_file
+
+    try:
+        sd = dict(load_file(str(path)))
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise UserError(f"cannot read {path} as safetensors ({type(e).__name__}: {e}); "
+                        "re-download or re-export the file") from None
+    return {k: v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v for k, v in sd.items()}
+
+
+def _read_torch(path: Path) -> StateDict:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"reading {path} needs PyTorch (pip install torch); or, where PyTorch is "
+                        f"installed, run `flax-resnet convert {path} OUT.safetensors --model NAME` "
+                        "and use the .safetensors file") from None
+    import pickle
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if blocked is None:  # not a pickle that asks for code: a damaged or foreign file
+            raise UserError(f"cannot read {path} as a PyTorch checkpoint ({str(e).strip().splitlines()[-1][:120]}"
+                            "); re-download it or export it with torch.save(model.state_dict(), ...)") from None
+        raise UserError(
+            f"refusing to load {path}: unpickling it would run Python code ({blocked.group(1)}), which "
+            "torch.load(weights_only=True) does not allow; where you trust the file, save just the weights "
+            "with torch.save(model.state_dict(), 'weights.pth'), or use a .safetensors file") from None
+    except Exception as e:
+        raise UserError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}); "
+                        "re-download the file or export it with torch.save(model.state_dict(), ...)") from None
+    obj = _unwrap(obj)
+    if not isinstance(obj, Mapping):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict; save "
+                        "model.state_dict() rather than the model")
+    out = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu()
+            if v.dtype == torch.bfloat16:
+                v = v.float()
+            out[str(k)] = v.numpy()
+    return out
+
+
+def _unwrap(obj):
+    """``{"state_dict": {...}, "epoch": 3, ...}`` -> the inner dict (repeatedly)."""
+    for _ in range(3):
+        if not isinstance(obj, Mapping):
+            return obj
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            return obj
+        obj = inner
+    return obj
+
+
+def _normalize_keys(sd: Mapping[str, Any], path) -> StateDict:
+    sd = {k: np.asarray(v) for k, v in _unwrap(dict(sd)).items() if hasattr(v, "shape")}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if not sd:
+        raise UserError(f"{path} holds no tensors: pass a file saved from model.state_dict()")
+    return sd
+
+
+def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Writes numpy arrays as ``.safetensors`` (contiguous copies; metadata as strings)."""
+    from safetensors.numpy import save_file
+
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        raise UserError(f"output {path} must end in .safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(path), metadata=meta)
+
+
+# --------------------------------------------------------------------------- key mapping
+def _paths(tree) -> list[tuple[tuple, Any]]:
+    out = []
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out.append((tuple(getattr(k, "key", getattr(k, "name", k)) for k in kp), leaf))
+    return out
+
+
+def _to_torch_name(path: tuple, is_bn: bool) -> str:
+    *mod, leaf = path
+    if is_bn:
+        leaf = _BN_NAMES[leaf]
+    elif leaf == "kernel":
+        leaf = "weight"
+    return ".".join(str(p) for p in (*mod, leaf))
+
+
+def _to_torch_array(leaf_name: str, arr: np.ndarray) -> np.ndarray:
+    if leaf_name == "kernel":
+        if arr.ndim == 4:  # HWIO -> OIHW
+            return np.transpose(arr, (3, 2, 0, 1))
+        if arr.ndim == 2:  # (in, out) -> (out, in)
+            return arr.T
+    return arr
+
+
+def _from_torch_array(leaf_name: str, arr: np.ndarray) -> np.ndarray:
+    if leaf_name == "kernel":
+        if arr.ndim == 4:  # OIHW -> HWIO
+            return np.transpose(arr, (2, 3, 1, 0))
+        if arr.ndim == 2:
+            return arr.T
+    return arr
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    collection: str   # "params" | "batch_stats"
+    path: tuple       # path inside that collection's pure dict
+    shape: tuple      # our shape
+    dtype: Any
+
+
+def _bn_modules(params: Mapping) -> set[tuple]:
+    """Module paths holding BatchNorm parameters (``scale`` next to ``bias``)."""
+    return {p[:-1] for p, _ in _paths(params) if p[-1] == "scale"}
+
+
+def _layout(params: Mapping, batch_stats: Mapping) -> dict[str, _Slot]:
+    """PyTorch key -> where it lives in our ``(params, batch_stats)`` pure dicts."""
+    bn = _bn_modules(params)
+    out = {}
+    for collection, tree in (("params", params), ("batch_stats", batch_stats)):
+        for path, leaf in _paths(tree):
+            key = _to_torch_name(path, path[:-1] in bn or collection == "batch_stats")
+            out[key] = _Slot(collection, path, tuple(leaf.shape), leaf.dtype)
+    return out
+
+
+def _torch_shape(slot: _Slot) -> tuple:
+    return tuple(_to_torch_array(slot.path[-1], np.empty(slot.shape, np.bool_)).shape)
+
+
+_LEAF_ORDER = {"weight": 0, "bias": 1, "running_mean": 2, "running_var": 3, "num_batches_tracked": 4}
+
+
+def torch_order(key: str) -> tuple:
+    """Sort key giving torchvision's ``state_dict()`` order (stem, stages, blocks, conv before its BN, fc)."""
+    out = []
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        m = re.fullmatch(r"(conv|bn|layer)(\d+)", part)
+        if part.isdigit():
+            out.append((1, int(part), ""))
+        elif i == len(parts) - 1 and part in _LEAF_ORDER:
+            out.append((0, _LEAF_ORDER[part], ""))
+        elif m and m.group(1) == "layer":
+            out.append((2, 1000 + int(m.group(2)), ""))
+        elif m:  # conv2 before bn2 before conv3
+            out.append((2, 10 * int(m.group(2)) + (m.group(1) == "bn"), ""))
+        else:
+            out.append((3, {"downsample": 0, "bn_final": 1, "fc": 2}.get(part, 9), part))
+    return tuple(out)
+
+
+def is_head_key(key: str) -> bool:
+    return key.split(".")[0] == "fc"
+
+
+# --------------------------------------------------------------------------- model <-> state dict
+def split_state(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
+    """``(graphdef, params, batch_stats)`` of a model, the states as pure dicts."""
+    graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(f"model holds state other than Param/BatchStat: {rest}")
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+
+def to_torch_state_dict(params: Mapping, batch_stats: Mapping, *,
+                        num_batches_tracked: bool = True) -> StateDict:
+    """Our ``(params, batch_stats)`` -> a torchvision-layout state dict of numpy arrays.
+
+    Adds ``num_batches_tracked`` (int64 0) to every BatchNorm, as ``nn.BatchNorm2d.state_dict()``
+    has, so ``load_state_dict(strict=True)`` accepts it.
+    """
+    params, batch_stats = jax.device_get((params, batch_stats))
+    layout = _layout(params, batch_stats)
+    trees = {"params": params, "batch_stats": batch_stats}
+    out: StateDict = {}
+    for key, slot in layout.items():
+        leaf = trees[slot.collection]
+        for p in slot.path:
+            leaf = leaf[p]
+        out[key] = np.ascontiguousarray(_to_torch_array(slot.path[-1], np.asarray(leaf)))
+    if num_batches_tracked:
+        for mod in sorted(_bn_modules(params)):
+            out[".".join(str(p) for p in (*mod, "num_batches_tracked"))] = np.zeros((), np.int64)
+    return out
+
+
+def model_state_dict(model: nnx.Module) -> StateDict:
+    """A model's weights and BatchNorm statistics as a torchvision-layout state dict."""
+    _, params, stats = split_state(model)
+    return to_torch_state_dict(params, stats)
+
+
+def from_torch_state_dict(state_dict: Mapping[str, np.ndarray], params: Mapping, batch_stats: Mapping, *,
+                          load_head: bool = True, source: str = "state dict") -> tuple[dict, dict, list[str]]:
+    """Fills copies of our ``(params, batch_stats)`` pure dicts from a PyTorch state dict.
+
+    ``params``/``batch_stats`` give the target structure, shapes and dtypes (arrays or
+    ``jax.ShapeDtypeStruct``). Every key must match: missing, unexpected (other than
+    ``num_batches_tracked``) or mis-shaped tensors raise a :class:`UserError` naming the
+    offending key. With ``load_head=False`` the ``fc.*`` tensors are skipped (whatever
+    their shape) and the target's head is kept.
+
+    Returns:
+      ``(params, batch_stats, loaded_keys)``; the loaded states as ``jax.Array`` (never
+      numpy: NNX would update numpy-backed BatchNorm statistics in place), a kept head
+      as the target's own value.
+    """
+    layout = _layout(params, batch_stats)
+    given = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIXES)}
+    wanted = {k: s for k, s in layout.items() if load_head or not is_head_key(k)}
+    if not load_head:
+        given = {k: v for k, v in given.items() if not is_head_key(k)}
+    missing = sorted((k for k in wanted if k not in given), key=torch_order)
+    unexpected = sorted((k for k in given if k not in wanted), key=torch_order)
+    if missing or unexpected:
+        def some(keys):
+            shown = ", ".join(repr(k) for k in keys[:3])
+            return shown + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "")
+
+        parts = []
+        if unexpected:
+            parts.append(f"unexpected key {some(unexpected)}")
+        if missing:
+            parts.append(f"missing key {some(missing)}")
+        raise UserError(f"{source} does not fit this model: {'; '.join(parts)}; pass the --model the "
+                        "weights were made for (a torchvision/timm resnet, wide_resnet or resnext)")
+    new = {"params": _copy_dicts(params), "batch_stats": _copy_dicts(batch_stats)}
+    for key in sorted(wanted, key=torch_order):
+        slot, arr = wanted[key], np.asarray(given[key])
+        if tuple(arr.shape) != _torch_shape(slot):
+            fix = ("load it without its head (a new classifier)" if is_head_key(key)
+                   else "pass the --model the weights were made for")
+            raise UserError(f"{source}: tensor {key!r} has shape {tuple(arr.shape)} but the model needs "
+                            f"{_torch_shape(slot)}; {fix}")
+        value = jnp.asarray(_from_torch_array(slot.path[-1], arr), dtype=slot.dtype)
+        node = new[slot.collection]
+        for p in slot.path[:-1]:
+            node = node[p]
+        node[slot.path[-1]] = value
+    return new["params"], new["batch_stats"], list(wanted)
+
+
+def _copy_dicts(tree):
+    """A copy of the nested dicts (leaves shared), safe to assign into."""
+    if isinstance(tree, Mapping):
+        return {k: _copy_dicts(v) for k, v in tree.items()}
+    return tree
+
+
+def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, load_head: bool = True,
+                    source: str = "state dict") -> list[str]:
+    """Loads a PyTorch-layout state dict into ``model`` in place; returns the keys loaded.
+
+    See :func:`from_torch_state_dict` for the matching rules (strict, names the offending key).
+    """
+    _, params, stats = split_state(model)
+    params, stats, loaded = from_torch_state_dict(state_dict, params, stats, load_head=load_head, source=source)
+    p_state, s_state = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
+    nnx.replace_by_pure_dict(p_state, params)
+    nnx.replace_by_pure_dict(s_state, stats)
+    nnx.update(model, p_state, s_state)
+    return loaded
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_pretrained` did."""
+
+    path: str
+    tensors: int          # tensors copied into the model
+    head: str             # "loaded" or "new (N classes)"
+
+    def __str__(self) -> str:
+        return f"loaded {self.tensors} tensors from {self.path}; head: {self.head}"
+
+
+def head_classes(state_dict: Mapping[str, np.ndarray]) -> int:
+    """Classes of the state dict's classifier (``fc.weight`` rows); 0 if it has none."""
+    w = state_dict.get("fc.weight")
+    return int(w.shape[0]) if w is not None else 0
+
+
+def load_pretrained(model: nnx.Module, path: str | os.PathLike, *, load_head: bool | None = None) -> LoadReport:
+    """Loads torchvision/timm weights from ``path`` into ``model`` in place.
+
+    Args:
+      model: a :class:`~flax_resnet.models.resnet.ResNet` of the weights' architecture.
+      path: ``.safetensors`` or ``.pth``/``.pt`` file.
+      load_head: ``True`` copies ``fc`` too (its shape must match), ``False`` keeps the
+        model's own (new) head, ``None`` copies it only when the class counts agree.
+    """
+    sd = read_state_dict(path)
+    classes = getattr(model, "num_classes", None)
+    if load_head is None:
+        load_head = model.fc is not None and head_classes(sd) == classes
+    elif load_head and head_classes(sd) != classes:
+        raise UserError(f"{path} has a {head_classes(sd)}-class head but the model has {classes} classes: "
+                        "train a new head (--config.keep_pretrained_head=false)")
+    loaded = load_state_dict(model, sd, load_head=load_head, source=str(path))
+    head = "loaded" if load_head else f"new ({classes} classes)"
+    return LoadReport(str(path), len(loaded), head)
+
+
+def export_safetensors(model_or_state, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None) -> StateDict:
+    """Writes a model's (or a ``(params, batch_stats)`` pair's) weights as torchvision-layout ``.safetensors``.
+
+    Returns the state dict written.
+    """
+    if isinstance(model_or_state, nnx.Module):
+        sd = model_state_dict(model_or_state)
+    else:
+        params, stats = model_or_state
+        sd = to_torch_state_dict(params, stats)
+    save_safetensors(sd, path, metadata)
+    return sd
+
+
+# --------------------------------------------------------------------------- convert (the CLI)
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, model: str | None = None,
+            which: str = "best") -> str:
+    """``flax-resnet convert``: checks weights against a model and writes torchvision-layout ``.safetensors``.
+
+    ``src`` is either a PyTorch/timm weights file (``.pth``/``.pt``/``.safetensors``;
+    ``model`` names its architecture) or a flax_resnet run directory (its ``which``
+    checkpoint is exported; the model comes from the run's config). The weights go
+    through our model's layout and back, so the output is exactly what
+    :func:`load_pretrained` reads, and loads into torchvision's model with
+    ``load_state_dict(strict=True)``. Returns a one-line summary.
+    """
+    src_path = Path(src).expanduser()
+    dst_path = Path(dst).expanduser()
+    if dst_path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        raise UserError(f"output {dst_path} must end in .safetensors")
+    if src_path.is_dir():
+        from flax_resnet.training.loop import restore_model
+
+        restored = restore_model(src_path, which)
+        name = restored.config.model
+        if model and model != name:
+            raise UserError(f"{src_path} holds a {name} run, not {model}: drop --model or pass --model {name}")
+        sd = to_torch_state_dict(restored.state.params, restored.state.batch_stats)
+        meta = {"model": name, "source": str(src_path.absolute()), "step": str(restored.step)}
+    else:
+        if not model:
+            raise UserError("pass --model NAME (e.g. --model resnet50): the architecture the weights were made for")
+        from flax_resnet.models import create_model
+
+        given = read_state_dict(src_path)
+        classes = head_classes(given)
+        abstract = nnx.eval_shape(lambda: create_model(model, num_classes=classes))
+        _, params, stats = split_state(abstract)
+        params, stats, _ = from_torch_state_dict(given, params, stats, source=str(src_path))
+        sd = to_torch_state_dict(params, stats)
+        name = model
+        meta = {"model": name, "source": src_path.name}
+    save_safetensors(sd, dst_path, meta)
+    n = sum(1 for k in sd if not k.endswith(IGNORED_SUFFIXES))
+    return f"wrote {dst_path} ({name}, {n} tensors, torchvision layout)"
