@@ -90,10 +90,16 @@ def test_two_process_sharding_covers_every_example_once_per_epoch(tmp_path):
             data.train_iterator("cifar10", batch_size=8, seed=5, data_dir=str(tmp_path), process_index=p, process_count=2, with_index=True)
             for p in (0, 1)
         ]
-        assert [it.steps_per_epoch for it in iters] == [3, 3]
+        # one process with the same global batch (16) sees the very same batches, augmentation included
+        single = data.train_iterator("cifar10", batch_size=16, seed=5, data_dir=str(tmp_path), with_index=True)
+        assert [it.steps_per_epoch for it in iters] == [3, 3] == [single.steps_per_epoch] * 2
         for epoch in range(2):
-            per_process = [np.concatenate([b["index"] for b in _take(it, 3)]) for it in iters]
-            assert set(per_process[0]) <= set(range(24)) and set(per_process[1]) <= set(range(24, 48))
+            batches = [_take(it, 3) for it in iters]
+            for whole, *parts in zip(_take(single, 3), *batches):
+                assert not set(parts[0]["index"]) & set(parts[1]["index"])  # disjoint slices
+                for key in ("index", "image", "label"):
+                    np.testing.assert_array_equal(np.concatenate([b[key] for b in parts]), whole[key])
+            per_process = [np.concatenate([b["index"] for b in bs]) for bs in batches]
             assert sorted(np.concatenate(per_process).tolist()) == list(range(48)), epoch
         # epochs are fresh permutations
         assert not np.array_equal(iters[0].batch_indices(0), iters[0].batch_indices(3))

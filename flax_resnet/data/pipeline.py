@@ -1,18 +1,27 @@
 """The input pipeline: prepared dataset -> Grain -> host-local numpy batches.
 
-One batch is one Grain element. Batch ``k`` of a training stream is a pure
-function of ``(seed, k, process_index, process_count)``:
+One batch is one Grain element. *Global* training batch ``k`` (``B`` examples, the
+per-process batch times the number of processes) is a pure function of
+``(seed, k, B)``, whatever the number of processes that share it:
 
-* process ``p`` of ``n`` owns the contiguous shard ``[p*N//n, (p+1)*N//n)`` of the
-  train split (as ``grain.sharding.ShardByJaxProcess``) and reads nothing else;
-* epoch ``e`` visits the shard in the order
-  ``np.random.default_rng([seed, e, p, n]).permutation(shard)``, cut into
-  ``steps_per_epoch = (N // n) // batch_size`` full batches, equal on every
-  process (the few examples past that are dropped for this epoch only);
-* augmentation draws from ``np.random.default_rng([seed, k, p, n, 1])``.
+* epoch ``e`` visits the train split (``N`` examples) in the order
+  ``np.random.default_rng([seed, e]).permutation(N)``, cut into
+  ``steps_per_epoch = N // B`` global batches (the few examples past that are
+  dropped for this epoch only);
+* process ``p`` of ``n`` reads only rows ``[p*B/n, (p+1)*B/n)`` of each global batch,
+  its disjoint slice, and the training loop assembles the global array from the
+  slices (``jax.make_array_from_process_local_data``);
+* augmentation: crop offsets and flips of fixed-size images are drawn for the whole
+  global batch from ``np.random.default_rng([seed, k, 1])`` and sliced the same way;
+  variable-size images draw from ``np.random.default_rng([seed, k, row, 1])`` (``row``
+  in the global batch).
 
-So the iterator's whole state is ``k``: saving it and building a new iterator at
-``k`` continues the identical stream, with any number of Grain workers.
+So 2 processes x 2 devices see exactly the batches of 1 process x 4 devices, a run
+can resume on another number of processes, and the iterator's whole state is ``k``:
+saving it and building a new iterator at ``k`` continues the identical stream, with
+any number of Grain workers. Each process opens the whole split (records are read by
+index, which array_record serves at random); fixed-size splits up to
+``IN_MEMORY_LIMIT_BYTES`` are decoded once and kept in RAM by every process.
 
 Augmentation runs in numpy (vectorised per batch) or PIL (per image) inside the
 Grain map function:
@@ -158,18 +167,26 @@ def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
     return out
 
 
-def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int, flip: bool) -> np.ndarray:
+def crop_flip_draws(rng: np.random.Generator, n: int, pad: int, flip: bool):
+    """The random numbers of :func:`random_crop_flip` for ``n`` images: ``(oy, ox, mirrored or None)``."""
+    oy = rng.integers(0, 2 * pad + 1, size=n)
+    ox = rng.integers(0, 2 * pad + 1, size=n)
+    mirrored = rng.random(n) < 0.5 if flip else None
+    return oy, ox, mirrored
+
+
+def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int, flip: bool, *,
+                     draws: tuple | None = None) -> np.ndarray:
     """Zero-pad each side by ``pad``, take a random crop of the original size, maybe mirror.
 
-    Vectorised over the batch: uint8 [B, H, W, C] -> uint8 [B, H, W, C].
+    Vectorised over the batch: uint8 [B, H, W, C] -> uint8 [B, H, W, C]. ``draws``
+    (from :func:`crop_flip_draws`, one row per image) replaces the draws from ``rng``.
     """
     b, h, w, _ = images.shape
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    oy = rng.integers(0, 2 * pad + 1, size=b)
-    ox = rng.integers(0, 2 * pad + 1, size=b)
+    oy, ox, mirrored = draws if draws is not None else crop_flip_draws(rng, b, pad, flip)
     cols = ox[:, None] + np.arange(w)[None, :]
     if flip:
-        mirrored = rng.random(b) < 0.5
         cols = np.where(mirrored[:, None], cols[:, ::-1], cols)
     rows = oy[:, None] + np.arange(h)[None, :]
     return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
@@ -323,12 +340,13 @@ def _shard_bounds(n: int, process_index: int, process_count: int) -> tuple[int, 
 
 
 class _TrainBatch:
-    """Grain map function: global step ``k`` -> training batch ``k`` of this process."""
+    """Grain map function: global step ``k`` -> this process's slice of global training batch ``k``."""
 
     def __init__(self, reader, recipe, *, seed, batch_size, steps_per_epoch, process_index, process_count, augment, with_index):
         self.reader, self.recipe = reader, recipe
         self.seed, self.batch_size, self.steps_per_epoch = seed, batch_size, steps_per_epoch
         self.process_index, self.process_count = process_index, process_count
+        self.global_batch_size = batch_size * process_count
         self.augment, self.with_index = augment, with_index
         self._perm = None
 
@@ -339,29 +357,39 @@ class _TrainBatch:
         cached = self._perm
         if cached is not None and cached[0] == epoch:
             return cached[1]
-        perm = np.random.default_rng([self.seed, epoch, self.process_index, self.process_count]).permutation(
-            self.reader.hi - self.reader.lo
-        )
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.reader.hi - self.reader.lo)
         self._perm = (epoch, perm)
         return perm
 
+    def _rows(self) -> slice:
+        """This process's rows of a global batch."""
+        return slice(self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size)
+
     def indices(self, step: int) -> np.ndarray:
         epoch, j = divmod(step, self.steps_per_epoch)
-        return self.reader.lo + self.permutation(epoch)[j * self.batch_size : (j + 1) * self.batch_size]
+        batch = self.permutation(epoch)[j * self.global_batch_size : (j + 1) * self.global_batch_size]
+        return self.reader.lo + batch[self._rows()]
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         idx = self.indices(step)
         images, labels = self.reader.read(idx)
         r = self.recipe
-        rng = np.random.default_rng([self.seed, step, self.process_index, self.process_count, _AUG_STREAM])
         size = r.out_shape[0]
         if r.fixed_size:
             if self.augment and (r.pad or r.flip):
-                images = random_crop_flip(images, rng, r.pad, r.flip)
+                rng = np.random.default_rng([self.seed, step, _AUG_STREAM])
+                oy, ox, mirrored = crop_flip_draws(rng, self.global_batch_size, r.pad, r.flip)
+                rows = self._rows()
+                draws = (oy[rows], ox[rows], None if mirrored is None else mirrored[rows])
+                images = random_crop_flip(images, rng, r.pad, r.flip, draws=draws)
         elif self.augment:
-            images = np.stack([crop_resize(im, lambda w, h: inception_crop_box(w, h, rng), size, r.channels) for im in images])
-            mirrored = rng.random(len(images)) < 0.5
-            images[mirrored] = images[mirrored, :, ::-1]
+            first = self._rows().start
+            out = []
+            for i, im in enumerate(images):
+                rng = np.random.default_rng([self.seed, step, first + i, _AUG_STREAM])
+                crop = crop_resize(im, lambda w, h, rng=rng: inception_crop_box(w, h, rng), size, r.channels)
+                out.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
+            images = np.stack(out)
         else:
             images = np.stack([crop_resize(im, center_crop_box, size, r.channels) for im in images])
         batch = {"image": normalize(images, r.mean, r.std), "label": labels}
@@ -468,7 +496,7 @@ class TrainIterator:
     ``"index"``, the record indices, with ``with_index=True``).
     """
 
-    _STATE_KEYS = ("dataset", "seed", "batch_size", "process_index", "process_count")
+    _STATE_KEYS = ("dataset", "seed", "global_batch_size")  # what the stream depends on
 
     def __init__(self, batch_fn: _TrainBatch, recipe: _Recipe, *, num_threads: int, num_workers: int, prefetch: int):
         self._fn = batch_fn
@@ -495,6 +523,7 @@ class TrainIterator:
         return {
             "dataset": self._recipe.name,
             "seed": int(f.seed),
+            "global_batch_size": int(f.global_batch_size),
             "batch_size": int(f.batch_size),
             "process_index": int(f.process_index),
             "process_count": int(f.process_count),
@@ -517,8 +546,8 @@ class TrainIterator:
         if diff:
             what = ", ".join(f"{k} {a!r} (now {b!r})" for k, (a, b) in diff.items())
             raise UserError(
-                f"data iterator state was saved with {what}: resume with the same dataset, seed, per-process batch size "
-                "and process count, or start a fresh run"
+                f"data iterator state was saved with {what}: resume with the same dataset, seed and global batch "
+                "size (per-process batch x processes), or start a fresh run"
             )
         self.close()
         self._step = int(state["step"])
@@ -581,11 +610,11 @@ def train_iterator(
     prefetch: int = 4,
     with_index: bool = False,
 ) -> TrainIterator:
-    """Training batches for this process.
+    """This process's slices of the global training batches (see the module docstring).
 
     Args:
       name: dataset name (see :mod:`flax_resnet.data.sources`).
-      batch_size: per-process batch size.
+      batch_size: per-process batch size; the global batch is ``batch_size * process_count``.
       seed: shuffle and augmentation seed.
       data_dir: TFDS data directory.
       process_index: this process (``jax.process_index()``).
@@ -604,14 +633,14 @@ def train_iterator(
     opened = sources.open_dataset(name, data_dir)
     recipe = _recipe(opened, data_dir, image_size)
     n = opened.split_size(opened.train_split)
-    lo, hi = _shard_bounds(n, process_index, process_count)
-    steps = (n // process_count) // batch_size
+    _shard_bounds(n, process_index, process_count)  # validates the process index
+    steps = n // (batch_size * process_count)
     if steps == 0:
         raise UserError(
             f"batch size {batch_size} x {process_count} process(es) exceeds the {n} training examples of "
             f"'{name}': use a smaller batch size"
         )
-    reader = _ShardReader(recipe, opened.train_split, lo, hi, _reader_mode(recipe, hi - lo))
+    reader = _ShardReader(recipe, opened.train_split, 0, n, _reader_mode(recipe, n))
     fn = _TrainBatch(
         reader,
         recipe,
