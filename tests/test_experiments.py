@@ -1,0 +1,205 @@
+"""The ``experiments/`` scripts in ``--quick`` mode: the files they write and, where quick mode is
+strong enough to show it, the direction of the effect they measure.
+
+Each script runs once, in-process through its ``main(argv)`` (one JAX process, so compiled
+ops are shared), except ``imagenet_resnet50.py``, which runs as a subprocess to cover the
+command-line path. All on the embedded digits dataset; about 3 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_quick(name: str, tmp_path_factory, *extra: str):
+    out = tmp_path_factory.mktemp(name)
+    result = load_script(name).main(["--quick", "--outdir", str(out), *extra])
+    return out, result
+
+
+def check_outputs(out: Path, *names: str) -> dict[str, object]:
+    """Every named file exists and parses: CSV with a header and rows, JSON, PNG."""
+    loaded = {}
+    for name in names:
+        path = out / name
+        assert path.is_file() and path.stat().st_size > 0, f"{name} missing or empty"
+        if name.endswith(".png"):
+            assert path.read_bytes()[:8] == PNG_MAGIC, name
+        elif name.endswith(".csv"):
+            with open(path) as f:
+                rows = list(csv.DictReader(f))
+            assert rows, f"{name} has no rows"
+            loaded[name] = rows
+        elif name.endswith(".json"):
+            loaded[name] = json.loads(path.read_text())
+    return loaded
+
+
+# --------------------------------------------------------------------------- degradation
+@pytest.fixture(scope="module")
+def degradation(tmp_path_factory):
+    return run_quick("degradation", tmp_path_factory)
+
+
+def test_degradation_writes_tables_and_plot(degradation):
+    out, result = degradation
+    files = check_outputs(out, "degradation.csv", "degradation.json", "degradation_curves.csv",
+                          "degradation_curves.json", "degradation.png")
+    table = files["degradation.json"]
+    assert {r["model"] for r in table["rows"]} == {"plain20", "plain56", "resnet20", "resnet56"}
+    assert table["meta"]["command"].startswith("python experiments/degradation.py --quick")
+    assert table["meta"]["machine"] and table["meta"]["dataset"] == "digits"
+    for r in table["rows"]:
+        assert r["steps"] == load_script("degradation").QUICK["steps"]
+        assert 0.0 <= r["final_train_error"] <= 100.0
+    curves = files["degradation_curves.json"]["rows"]
+    for model in ("plain20", "plain56", "resnet20", "resnet56"):
+        errs = [c["train_error"] for c in curves if c["model"] == model]
+        assert len(errs) >= 5 and all(0.0 <= e <= 100.0 and math.isfinite(e) for e in errs)
+    assert "files" in result and all(Path(p).exists() for p in result["files"])
+
+
+def test_degradation_reports_verdicts_without_asserting_them(degradation):
+    # A dozen steps are too few to show the paper's effect: which net is ahead after 12 steps
+    # changes with the device count (measured both ways), so the verdicts are reported, not asserted.
+    # The full-mode run on digits does show it (BUILD_NOTES.md, results).
+    _, result = degradation
+    assert set(result["verdicts"]) == {"plain56_trains_worse_than_plain20", "resnet56_trains_better_than_resnet20",
+                                       "resnet20_trains_better_than_plain20", "resnet56_trains_better_than_plain56"}
+
+
+# --------------------------------------------------------------------------- gradient flow
+@pytest.fixture(scope="module")
+def gradient_flow(tmp_path_factory):
+    return run_quick("gradient_flow", tmp_path_factory)
+
+
+def test_gradient_flow_writes_per_layer_rows(gradient_flow):
+    out, result = gradient_flow
+    files = check_outputs(out, "gradient_flow.csv", "gradient_flow.json", "gradient_flow_summary.csv",
+                          "gradient_flow_summary.json", "gradient_flow.png", "gradient_flow_ratio.png")
+    rows = files["gradient_flow.json"]["rows"]
+    steps = load_script("gradient_flow").QUICK["k"]
+    for depth in (20, 56):
+        for model in (f"plain{depth}", f"resnet{depth}"):
+            for step in steps:
+                sel = [r for r in rows if r["model"] == model and r["step"] == step]
+                # 6n+2 weighted layers: the stem conv, 6n block convs and the classifier.
+                assert len(sel) == depth, (model, step, len(sel))
+                assert sel[0]["layer"] == "conv1" and sel[-1]["layer"] == "fc"
+                assert all(r["grad_norm"] > 0 and math.isfinite(r["grad_norm"]) for r in sel)
+
+
+def test_gradient_flow_direction_at_init_and_after_k_steps(gradient_flow):
+    _, result = gradient_flow
+    s = {(r["model"], r["step"]): r for r in result["summary"]}
+    k = max(load_script("gradient_flow").QUICK["k"])
+    plain, res = s[("plain56", 0)], s[("resnet56", 0)]
+    # At initialisation, with BatchNorm, plain-56's gradient does not vanish towards the input: it
+    # explodes (measured: first conv ~1e3 vs ~5 for ResNet-56, ~5000x spread across layers vs ~25x).
+    assert plain["first_conv_grad"] > 10 * res["first_conv_grad"]
+    assert plain["max_over_min"] > 10 * res["max_over_min"]
+    assert plain["max_over_min"] > 10 * s[("plain20", 0)]["max_over_min"]
+    assert plain["first_over_last"] > 10  # grows towards the input
+    # After k SGD steps the huge first updates have inflated plain-56's first-layer weights
+    # (measured: norm 1.4 -> ~300 in 3 steps) and its gradient collapses: relative to the weights
+    # it is thousands of times smaller than ResNet-56's. That is the article's vanishing gradient.
+    pk, rk = s[("plain56", k)], s[("resnet56", k)]
+    assert pk["first_conv_weight"] > 10 * plain["first_conv_weight"]
+    assert pk["first_conv_grad"] < 0.01 * plain["first_conv_grad"]
+    assert pk["first_conv_grad"] < rk["first_conv_grad"]
+    assert pk["first_conv_ratio"] < 0.01 * rk["first_conv_ratio"]
+    # ResNet-56 keeps every layer's gradient within a narrow band.
+    assert res["max_over_min"] < 100 and s[("resnet56", k)]["max_over_min"] < 100
+
+
+# --------------------------------------------------------------------------- cifar10 / article
+def test_cifar10_puts_paper_errors_beside_measured(tmp_path_factory):
+    out, result = run_quick("cifar10", tmp_path_factory)
+    files = check_outputs(out, "cifar10.csv", "cifar10.json", "cifar10_epochs.csv", "cifar10.png")
+    (row,) = files["cifar10.json"]["rows"]
+    assert row["model"] == "resnet20" and row["paper_test_error"] == 8.75
+    assert 0.0 <= row["final_test_error"] <= 100.0
+    assert row["comparable"] is False and row["dataset"] == "digits"  # digits, 5 steps: never comparable
+    assert files["cifar10.csv"][0]["paper_test_error"] == "8.75"
+
+
+def test_article_setup_and_outputs(tmp_path_factory):
+    out, result = run_quick("article", tmp_path_factory)
+    files = check_outputs(out, "article.csv", "article.json", "article_summary.json", "article.png")
+    summary = files["article_summary.json"]
+    setup = summary["setup"]
+    assert setup["model"] == "article_resnet" and setup["learning_rate"] == 0.1 and setup["momentum"] == 0.9
+    assert setup["weight_decay"] == 0.0 and setup["num_epochs"] == 10 and setup["schedule"] == "constant"
+    assert summary["steps"] == load_script("article").QUICK["steps"]
+    assert len(files["article.json"]["rows"]) == 1
+
+
+# --------------------------------------------------------------------------- imagenet / finetune
+def test_imagenet_resnet50_quick_from_the_command_line(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / "imagenet_resnet50.py"), "--quick", "--outdir",
+                           str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "76.5" in proc.stdout and "76.13" in proc.stdout and str(tmp_path / "imagenet_resnet50.png") in proc.stdout
+    files = check_outputs(tmp_path, "imagenet_resnet50.csv", "imagenet_resnet50.json", "imagenet_resnet50.png")
+    rows = files["imagenet_resnet50.json"]["rows"]
+    assert [r.get("top1") for r in rows[:2]] == [76.5, 76.13]
+    plan = rows[2]
+    assert plan["params"] == 25_557_032 and plan["params_match_torchvision"] is True
+    assert plan["steps"] == 125_100 and abs(plan["peak_lr"] - 0.4) < 1e-6
+
+
+def test_finetune_quick_runs_the_cli_path(tmp_path_factory):
+    out, result = run_quick("finetune", tmp_path_factory)
+    files = check_outputs(out, "finetune.csv", "finetune.json", "finetune.png")
+    meta = files["finetune.json"]["meta"]
+    assert meta["cli"].startswith("flax-resnet finetune --pretrained ") and "--model resnet8" in meta["cli"]
+    assert len(files["finetune.json"]["rows"]) == 1
+    assert (out / "run" / "metrics.jsonl").is_file()
+
+
+def test_finetune_needs_weights_and_dataset(capsys):
+    module = load_script("finetune")
+    with pytest.raises(SystemExit) as e:
+        module.main([])
+    assert e.value.code == 2 and "--pretrained FILE and --dataset" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0 and "flax-resnet finetune" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the shared module
+def test_choose_dataset_falls_back_to_digits_with_a_note(tmp_path):
+    from flax_resnet import experiments as ex
+
+    name, note = ex.choose_dataset(None, data_dir=str(tmp_path / "empty"))
+    assert name == "digits" and "cifar10 is not prepared" in note and "flax-resnet prepare cifar10" in note
+    assert ex.choose_dataset("digits") == ("digits", None)
+
+
+def test_unknown_script_flag_is_an_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        load_script("degradation").main(["--quick", "--no-such-flag"])
+    assert e.value.code == 2 and "--no-such-flag" in capsys.readouterr().err
