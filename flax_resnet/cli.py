@@ -229,9 +229,67 @@ def _cmd_convert(args):
     print(convert(args.src, args.dst, model=args.model, which=args.checkpoint))
 
 
+# --------------------------------------------------------------------------- benchmark
+def _add_benchmark(sub):
+    p = sub.add_parser(
+        "benchmark", help="time the real train/eval step (images/s, compile, memory, FLOP/s) as JSON",
+        description="Time our jitted train step (and eval step) on a synthetic batch: compile time, "
+                    "median images/s over repeats after warm-up, XLA's memory plan, FLOPs. "
+                    "--compare-torch times the same network in PyTorch (channels_last, same SGD) with "
+                    "its repeats interleaved with ours and reports the ratio. JSON goes to stdout "
+                    "(and --output), a summary to stderr.")
+    p.add_argument("--model", default="resnet20", help="a registered model (default resnet20)")
+    p.add_argument("--batch", type=int, default=128, help="global batch size (default 128)")
+    p.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
+                   help="square input side (default: the model's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype; parameters stay float32 (bfloat16 = PyTorch autocast for --compare-torch)")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed repeat (default 10)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default 2)")
+    p.add_argument("--no-eval", dest="eval", action="store_false", help="skip the eval step")
+    p.add_argument("--compare-torch", action="store_true", help="also time the PyTorch reference, interleaved")
+    p.add_argument("--torch-compile", action="store_true", help="wrap the PyTorch model in torch.compile")
+    p.add_argument("--conv-impl", choices=("auto", "xla"), default="auto",
+                   help="our convolution formulation: auto (fast) or xla (plain nnx.Conv); same parameters")
+    p.add_argument("--compare-conv-impl", choices=("auto", "xla"), default=None,
+                   help="also time our step with this other formulation, interleaved")
+    p.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
+    p.add_argument("--loop", action="store_true",
+                   help="instead: images/s through the real training loop (digits data, logging) vs the bare step")
+    p.add_argument("--output", default=None, metavar="FILE", help="also write the JSON here")
+    p.set_defaults(func=_cmd_benchmark)
+
+
+def _cmd_benchmark(args):
+    import json
+
+    from flax_resnet import benchmark
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.loop:
+        result = benchmark.loop_overhead(model=args.model, batch=args.batch, steps=args.steps * args.repeats,
+                                         log=log)
+        log(benchmark.format_loop_summary(result))
+    else:
+        cfg = benchmark.BenchmarkConfig(
+            model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype, steps=args.steps,
+            repeats=args.repeats, warmup=args.warmup, eval=args.eval, compare_torch=args.compare_torch,
+            torch_compile=args.torch_compile, in_channels=args.in_channels, num_classes=args.num_classes,
+            conv_impl=args.conv_impl, compare_conv_impl=args.compare_conv_impl)
+        result = benchmark.run_benchmark(cfg, log=log)
+        log(benchmark.format_summary(result))
+    text = json.dumps(result, indent=2)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
 # --------------------------------------------------------------------------- main
 _SUBCOMMANDS = [_add_models, _add_train, _add_evaluate, _add_predict, _add_prepare, _add_finetune,
-                _add_convert]
+                _add_convert, _add_benchmark]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ Blocks:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal
 
@@ -76,6 +77,151 @@ class BatchNorm(nnx.BatchNorm):
         return _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, self.dtype, self.epsilon)
 
 
+# ----------------------------------------------------------------------------- convolutions
+# XLA:CPU is slow on two parts of a ResNet's convolutions (BUILD_NOTES.md, "Performance"):
+#  * 1x1 convolutions: a 1x1 conv *is* a matmul over N*H*W, and XLA runs dot_general much
+#    faster than the equivalent convolution, forward and backward;
+#  * kernel (weight) gradients. XLA contracts over the batch, so it first transposes an NHWC
+#    operand to make N (or N*H*W) the minor dimension, and it fuses that operand's whole
+#    producer chain into the transpose, recomputed per element with a cache-hostile stride.
+#    In ResNet-20 the residual chain of every earlier block of the stage was recomputed in
+#    each transpose (cost quadratic in depth): half of the train step.
+# The kernel gradients here are computed from *channel-major* copies made by a matmul with
+# the identity (a "NT" dot that XLA's matmul library reads in place; exact for finite
+# values: each output is one product by 1.0 plus exact zeros), so no transpose is left for
+# XLA to fuse: a kxk kernel gradient is one batch-1 convolution over the images stacked
+# along H ("tall"); a 1x1 kernel gradient is a plain matmul. Values equal
+# lax.conv_general_dilated's up to float rounding (the same sums in another order);
+# tests/test_benchmark.py checks outputs and gradients.
+CONV_IMPLS = ("auto", "xla")
+
+
+def _conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def channel_major(x2d: jax.Array) -> jax.Array:
+    """``[P, C] -> [C, P]`` as ``eye(C) @ x2d.T``: read in place by the matmul, no fused transpose."""
+    eye = jnp.eye(x2d.shape[1], dtype=x2d.dtype)
+    return jax.lax.dot_general(eye, x2d, (((1,), (1,)), ((), ())))
+
+
+def tall_weight_grad_ok(x_shape, kernel_shape, stride: int, pad: int) -> bool:
+    """Whether :func:`conv_weight_grad_tall` applies: square kernel, the padded size a multiple of the stride."""
+    _, h, w, _ = x_shape
+    return kernel_shape[0] == kernel_shape[1] and (h + 2 * pad) % stride == 0 and (w + 2 * pad) % stride == 0
+
+
+def conv_weight_grad_tall(x: jax.Array, g: jax.Array, kernel_shape, stride: int, pad: int) -> jax.Array:
+    """The kernel gradient of ``_conv(x, kernel, stride, pad)`` for the output cotangent ``g``.
+
+    ``dW[i, j, ci, co] = sum_{n, r, q} xpad[n, s*r + i, s*q + j, ci] * g[n, r, q, co]``. The padded
+    images are stacked along H into one tall image per channel (``[C, N*Hp, Wp, 1]``, from
+    :func:`channel_major`) and ``g`` likewise, with zero rows where a window would straddle two
+    images; the sum is then one VALID convolution with ``g`` as the kernel (dilated by the
+    stride) and the channels as its batch. Requires :func:`tall_weight_grad_ok`.
+    """
+    n, h, w, c = x.shape
+    k = kernel_shape[0]
+    hp, wp = h + 2 * pad, w + 2 * pad
+    rows = hp // stride                       # g rows per stacked image (the last ones zero)
+    xt = channel_major(x.reshape(-1, c)).reshape(c, n, h, w)
+    xt = jnp.pad(xt, ((0, 0), (0, 0), (pad, pad), (pad, pad))).reshape(c, n * hp, wp, 1)
+    gt = jnp.pad(g, ((0, 0), (0, rows - g.shape[1]), (0, 0), (0, 0))).reshape(n * rows, g.shape[2], 1, -1)
+    gt = gt[: (n * hp - k) // stride + 1]
+    dw = jax.lax.conv_general_dilated(xt, gt, (1, 1), "VALID", rhs_dilation=(stride, stride),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return dw[:, :k, :k, :].transpose(1, 2, 0, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_kxk(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    """``lax.conv_general_dilated`` (NHWC, HWIO, symmetric padding) with :func:`conv_weight_grad_tall`."""
+    return _conv(x, kernel, stride, pad)
+
+
+def _conv_kxk_fwd(x, kernel, stride, pad):
+    return _conv(x, kernel, stride, pad), (x, kernel)
+
+
+def _conv_kxk_bwd(stride, pad, res, g):
+    x, kernel = res
+    _, vjp_x = jax.vjp(lambda xx: _conv(xx, kernel, stride, pad), x)
+    return vjp_x(g)[0], conv_weight_grad_tall(x, g, kernel.shape, stride, pad).astype(kernel.dtype)
+
+
+conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
+
+
+@jax.custom_vjp
+def _matmul_1x1(x: jax.Array, kernel2d: jax.Array) -> jax.Array:
+    return jax.lax.dot_general(x, kernel2d, (((3,), (0,)), ((), ())))
+
+
+def _matmul_1x1_fwd(x, kernel2d):
+    return _matmul_1x1(x, kernel2d), (x, kernel2d)
+
+
+def _matmul_1x1_bwd(res, g):
+    x, kernel2d = res
+    cin, cout = kernel2d.shape
+    dx = jax.lax.dot_general(g, kernel2d, (((3,), (1,)), ((), ())))
+    x2d, g2d = x.reshape(-1, cin), g.reshape(-1, cout)
+    # dW = x2d.T @ g2d: the operand with fewer channels is made channel-major (the cheaper copy).
+    if cin <= cout:
+        dw = channel_major(x2d) @ g2d
+    else:
+        dw = (channel_major(g2d) @ x2d).T
+    return dx, dw.astype(kernel2d.dtype)
+
+
+_matmul_1x1.defvjp(_matmul_1x1_fwd, _matmul_1x1_bwd)
+
+
+def conv1x1(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+    """A 1x1 convolution as a matmul over N*H*W (strided: subsample first). Kernel ``(1, 1, cin, cout)``."""
+    if stride > 1:
+        x = x[:, ::stride, ::stride, :]
+    return _matmul_1x1(x, kernel[0, 0])
+
+
+class Conv(nnx.Conv):
+    """``nnx.Conv`` (same ``kernel``/``bias`` parameters, shapes and init) computed the fast way.
+
+    With ``impl="auto"``: 1x1 convolutions run as :func:`conv1x1` (a matmul); kxk ones as
+    ``lax.conv_general_dilated`` with the kernel gradient of :func:`conv_weight_grad_tall`.
+    Grouped convolutions, and ``impl="xla"``, use ``nnx.Conv`` unchanged. Only NHWC inputs
+    with symmetric integer padding are specialised (what :meth:`Layers.conv` builds).
+    """
+
+    def __init__(self, *args, impl: str = "auto", **kwargs):
+        if impl not in CONV_IMPLS:
+            raise ValueError(f"conv impl {impl!r}: choose one of {CONV_IMPLS}")
+        super().__init__(*args, **kwargs)
+        self.impl = impl
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        pad, stride = self.padding, self.strides
+        specialised = (self.impl == "auto" and self.feature_group_count == 1 and inputs.ndim == 4
+                       and self.mask is None and out_sharding is None and isinstance(stride, int)
+                       and isinstance(pad, tuple) and len(set(pad)) == 1 and pad[0][0] == pad[0][1]
+                       and self.kernel_size[0] == self.kernel_size[1]
+                       and all(d in (None, 1) for d in (self.input_dilation, self.kernel_dilation)))
+        if not specialised:
+            return super().__call__(inputs, out_sharding=out_sharding)
+        pad = pad[0][0]
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+        if self.kernel_size[0] == 1 and pad == 0:
+            y = conv1x1(x, kernel, stride)
+        elif tall_weight_grad_ok(x.shape, kernel.shape, stride, pad):
+            y = conv_kxk(x, kernel, stride, pad)
+        else:
+            y = _conv(x, kernel, stride, pad)
+        return y if bias is None else y + bias.reshape((1, 1, 1, -1))
+
+
 class _LayerKeys:
     """What a layer's constructor needs of ``nnx.Rngs`` (``.params()``), without its counter.
 
@@ -103,22 +249,29 @@ class Layers:
       param_dtype: storage dtype of parameters and BatchNorm statistics.
       bn_momentum: Flax convention (weight of the *old* running value): 0.9 equals PyTorch's 0.1.
       bn_epsilon: 1e-5, as PyTorch.
+      conv_impl: "auto" (1x1 convs as matmuls, the tall kernel gradient; see :class:`Conv`) or
+        "xla" (plain ``nnx.Conv`` arithmetic). Parameters are the same either way.
     """
 
     def __init__(self, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32,
-                 bn_momentum: float = 0.9, bn_epsilon: float = 1e-5):
+                 bn_momentum: float = 0.9, bn_epsilon: float = 1e-5, conv_impl: str = "xla"):
         self.rngs = _LayerKeys(rngs.params())
         self.dtype, self.param_dtype = dtype, param_dtype
         self.bn_momentum, self.bn_epsilon = bn_momentum, bn_epsilon
+        self.conv_impl = conv_impl
 
     def conv(self, cin: int, cout: int, kernel: int, stride: int = 1, *, groups: int = 1,
-             bias: bool = False) -> nnx.Conv:
-        """A conv with PyTorch's symmetric padding ``kernel // 2`` (not XLA's asymmetric 'SAME')."""
+             bias: bool = False) -> Conv:
+        """A conv with PyTorch's symmetric padding ``kernel // 2`` (not XLA's asymmetric 'SAME').
+
+        A :class:`Conv` (an ``nnx.Conv`` with the same ``kernel``/``bias``), computed the fast
+        way unless ``conv_impl="xla"``.
+        """
         pad = kernel // 2
-        return nnx.Conv(
+        return Conv(
             cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
             feature_group_count=groups, use_bias=bias, kernel_init=conv_init,
-            dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
+            dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs, impl=self.conv_impl)
 
     def norm(self, features: int, *, zero_scale: bool = False) -> BatchNorm:
         return BatchNorm(

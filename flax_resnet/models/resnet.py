@@ -52,6 +52,8 @@ class ResNet(nnx.Module):
       zero_init_residual: zero the last BatchNorm scale of each residual branch (Goyal et al.).
       dtype: computation dtype (e.g. ``jnp.bfloat16``); params stay in ``param_dtype``.
       bn_momentum, bn_epsilon: Flax-convention momentum (0.9 == PyTorch 0.1) and epsilon.
+      conv_impl: "auto" (fast formulations on XLA:CPU, see :class:`~flax_resnet.models.blocks.Conv`)
+        or "xla" (plain ``nnx.Conv``); the parameters and the values are the same.
       rngs: NNX random streams.
     """
 
@@ -60,10 +62,11 @@ class ResNet(nnx.Module):
                  in_channels: int = 3, shortcut: Shortcut = "B", groups: int = 1,
                  base_width: int = 64, zero_init_residual: bool = False,
                  dtype: Any = None, param_dtype: Any = jnp.float32,
-                 bn_momentum: float = 0.9, bn_epsilon: float = 1e-5, rngs: nnx.Rngs):
+                 bn_momentum: float = 0.9, bn_epsilon: float = 1e-5, conv_impl: str = "xla",
+                 rngs: nnx.Rngs):
         if len(layers) != len(widths):
             raise ValueError(f"layers {tuple(layers)} and widths {tuple(widths)} differ in length")
-        make = Layers(rngs, dtype, param_dtype, bn_momentum, bn_epsilon)
+        make = Layers(rngs, dtype, param_dtype, bn_momentum, bn_epsilon, conv_impl)
         block_cls = BLOCKS[block]
         self.stem = stem
         self.preact = block.startswith("preact")
