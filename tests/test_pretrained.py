@@ -23,108 +23,22 @@ from flax_resnet import cli, pretrained  # noqa: E402
 from flax_resnet.errors import UserError  # noqa: E402
 from flax_resnet.models import create_model  # noqa: E402
 from flax_resnet.models.blocks import BatchNorm  # noqa: E402
+from flax_resnet.torch_reference import create_torch_model  # noqa: E402
 from flax_resnet.training.state import split_model  # noqa: E402
 
 torch.set_num_threads(2)
 
 
 # --------------------------------------------------------------------------- torchvision's layout
-def conv3x3(cin, cout, stride=1, groups=1):
-    return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, groups=groups, bias=False)
+# torchvision's architectures, written once in the library (flax_resnet/torch_reference.py,
+# also the benchmark's PyTorch side) with torchvision's module names.
+ARCHS = ("resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2")
 
 
-def conv1x1(cin, cout, stride=1):
-    return nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False)
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64):
-        super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64):
-        super().__init__()
-        width = int(planes * (base_width / 64.0)) * groups
-        self.conv1 = conv1x1(inplanes, width)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = conv3x3(width, width, stride, groups)  # v1.5: stride on the 3x3
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = conv1x1(width, planes * self.expansion)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
-
-
-class ResNet(nn.Module):
-    def __init__(self, block, layers, num_classes=1000, groups=1, width_per_group=64):
-        super().__init__()
-        self.inplanes, self.groups, self.base_width = 64, groups, width_per_group
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
-
-    def _make_layer(self, block, planes, blocks, stride=1):
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
-                                       nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes, groups=self.groups, base_width=self.base_width)
-                   for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-ARCHS = {
-    "resnet18": dict(block=BasicBlock, layers=(2, 2, 2, 2)),
-    "resnet50": dict(block=Bottleneck, layers=(3, 4, 6, 3)),
-    "resnext50_32x4d": dict(block=Bottleneck, layers=(3, 4, 6, 3), groups=32, width_per_group=4),
-    "wide_resnet50_2": dict(block=Bottleneck, layers=(3, 4, 6, 3), width_per_group=128),
-}
-
-
-def torch_model(name: str, seed: int = 0, num_classes: int = 1000) -> ResNet:
+def torch_model(name: str, seed: int = 0, num_classes: int = 1000):
     """torchvision's architecture with seeded random weights *and* BatchNorm statistics."""
     torch.manual_seed(seed)
-    model = ResNet(num_classes=num_classes, **ARCHS[name])
+    model = create_torch_model(name, num_classes=num_classes)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
@@ -144,7 +58,7 @@ def numpy_state_dict(model) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- parity
-@pytest.mark.parametrize("name", list(ARCHS))
+@pytest.mark.parametrize("name", ARCHS)
 def test_converted_model_matches_pytorch(name, tmp_path):
     """Eval logits within 1e-4, BatchNorm running statistics after one train-mode forward
     equal, and export -> import is the identity (bit for bit, every torchvision key)."""
