@@ -50,6 +50,10 @@ RESULT_KEYS = ("model", "conv_impl", "batch", "image_size", "in_channels", "num_
                "warmup", "device", "num_devices", "compile_s", "eval_compile_s", "train", "eval", "memory",
                "flops", "variants", "torch", "ratio", "environment")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Dense bfloat16 tensor-core peaks (vendor data sheets, no sparsity), matched against the
+# device name JAX reports; --peak-tflops overrides. CPUs have no entry (see BUILD_NOTES.md).
+BF16_PEAK_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12,
+                   "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
 
 
 @dataclasses.dataclass
@@ -70,6 +74,8 @@ class BenchmarkConfig:
       conv_impl: our convolution formulation, "auto" (the fast one) or "xla" (plain
         ``nnx.Conv``), see :class:`flax_resnet.models.blocks.Conv`.
       compare_conv_impl: also time our step built with this other formulation, interleaved.
+      peak_flops: the device's peak FLOP/s for ``fraction_of_peak`` (default: bfloat16 tensor-core
+        peak of a known GPU, else none).
       seed: parameter/data seed.
     """
 
@@ -85,8 +91,9 @@ class BenchmarkConfig:
     torch_compile: bool = False
     in_channels: int = 3
     num_classes: int | None = None
-    conv_impl: str = "auto"
+    conv_impl: str = "xla"
     compare_conv_impl: str | None = None
+    peak_flops: float | None = None
     seed: int = 0
 
 
@@ -219,6 +226,7 @@ def build_torch(cfg: BenchmarkConfig, size: int, num_classes: int) -> _Runner:
     torch.manual_seed(cfg.seed)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
+    torch.backends.cudnn.benchmark = True
     model = torch_reference.create_torch_model(cfg.model, num_classes, cfg.in_channels)
     model = model.to(device=device, memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]          # conv/linear weights
@@ -311,7 +319,8 @@ def _environment() -> dict[str, Any]:
     except OSError:
         load = None
     return {"python": platform.python_version(), "jax": jax.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "load_average": load, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "cpu_count": os.cpu_count(), "load_average": load, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "compilation_cache_dir": jax.config.jax_compilation_cache_dir}
 
 
 def _peak_device_bytes() -> int | None:
@@ -320,6 +329,13 @@ def _peak_device_bytes() -> int | None:
     except Exception:  # noqa: BLE001 - CPU devices report nothing
         stats = None
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def _known_peak(device_kind: str) -> float | None:
+    for name, peak in BF16_PEAK_FLOPS.items():  # most specific names first
+        if name.lower() in device_kind.lower():
+            return peak
+    return None
 
 
 def _timing(walls: list[float], cpus: list[float], batch: int, steps: int) -> dict[str, Any]:
@@ -386,6 +402,9 @@ def run_benchmark(cfg: BenchmarkConfig, *, log: Callable[[str], None] = lambda s
         "train_flops_per_sec": train_flops * out["train"]["images_per_sec"],
         "eval_flops_per_sec": fwd_flops * out["eval"]["images_per_sec"] if out["eval"] else None,
     }
+    peak = cfg.peak_flops or _known_peak(out["device"])
+    out["flops"]["peak_flops"] = peak
+    out["flops"]["train_fraction_of_peak"] = out["flops"]["train_flops_per_sec"] / peak if peak else None
 
     def against(i: int) -> dict[str, Any]:
         """Runner ``i``'s timings and our speed relative to it (> 1: ours is faster)."""
@@ -430,7 +449,9 @@ def format_summary(r: dict[str, Any]) -> str:
             lines.append(s)
     f = r["flops"]
     lines.append(f"  {f['forward_per_image'] / 1e9:.3f} GFLOPs/image forward; train "
-                 f"{f['train_flops_per_sec'] / 1e9:.1f} GFLOP/s achieved")
+                 f"{f['train_flops_per_sec'] / 1e9:.1f} GFLOP/s achieved"
+                 + (f" ({100 * f['train_fraction_of_peak']:.1f}% of {f['peak_flops'] / 1e12:.0f} TFLOP/s peak)"
+                    if f.get("train_fraction_of_peak") else ""))
     mem = r["memory"].get("xla_peak_estimate_bytes")
     if mem:
         lines.append(f"  XLA buffer peak estimate {mem / 2**20:.1f} MiB")
@@ -445,7 +466,7 @@ LOOP_KEYS = ("model", "batch", "steps", "log_every_steps", "dataset", "loop_imag
 
 
 def loop_overhead(model: str = "resnet20", batch: int = 128, steps: int = 40, *, log_every: int = 5,
-                  recipe: str = "digits_resnet20", data_dir: str | None = None,
+                  recipe: str | None = None, data_dir: str | None = None, synthetic_train_images: int = 0,
                   log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Images/s through the real training loop against the bare step, same model and batch.
 
@@ -457,14 +478,27 @@ def loop_overhead(model: str = "resnet20", batch: int = 128, steps: int = 40, *,
     The bare step is the same jitted train step on one fixed device batch, timed in repeats of
     ``log_every`` steps before *and* after the loop run (median), so both see the same load.
     ``overhead_fraction = 1 - loop / bare`` (the issue's bar: <= 0.05).
+
+    ``synthetic_train_images > 0`` instead writes a synthetic CIFAR-10 of that many training
+    images (PNG-encoded, TFDS layout: :func:`flax_resnet.data.synthetic.write_synthetic`) to a
+    temporary directory and runs the ``cifar10_resnet20`` recipe on it: the same pipeline with
+    enough steps per epoch for a fast accelerator (digits has 1,437 images).
     """
     from flax_resnet import data
     from flax_resnet.configs import get_config
     from flax_resnet.training import train_and_evaluate
 
-    config = get_config(recipe)
+    tmp = tempfile.TemporaryDirectory(prefix="flax_resnet_loop_data_") if synthetic_train_images else None
+    if tmp is not None:
+        from flax_resnet.data.synthetic import write_synthetic
+
+        recipe, data_dir = recipe or "cifar10_resnet20", tmp.name
+        log(f"writing a synthetic cifar10 ({synthetic_train_images} train images) to {data_dir} ...")
+        write_synthetic("cifar10", data_dir, {"train": int(synthetic_train_images), "test": batch})
+    config = get_config(recipe or "digits_resnet20")
     config.model, config.batch_size = model, batch
     config.num_train_steps, config.log_every_steps = steps, log_every
+    config.eval_batch_size = 0
     if data_dir is not None:
         config.data_dir = data_dir
     info = data.get_dataset_info(config.dataset, config.data_dir)
@@ -484,6 +518,8 @@ def loop_overhead(model: str = "resnet20", batch: int = 128, steps: int = 40, *,
 
         intervals = [r["images_per_sec"] for r in run_logging.read_metrics(workdir, "train")]
     bare_times += [bare.train(log_every) for _ in range(repeats)]
+    if tmp is not None:
+        tmp.cleanup()
     bare_rate = _rate_summary(bare_times, batch, log_every)
     loop_rate = float(summary.images_per_sec)
     return {

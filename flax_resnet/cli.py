@@ -250,14 +250,19 @@ def _add_benchmark(sub):
     p.add_argument("--no-eval", dest="eval", action="store_false", help="skip the eval step")
     p.add_argument("--compare-torch", action="store_true", help="also time the PyTorch reference, interleaved")
     p.add_argument("--torch-compile", action="store_true", help="wrap the PyTorch model in torch.compile")
-    p.add_argument("--conv-impl", choices=("auto", "xla"), default="auto",
-                   help="our convolution formulation: auto (fast) or xla (plain nnx.Conv); same parameters")
+    p.add_argument("--conv-impl", choices=("auto", "xla"), default="xla",
+                   help="xla (plain nnx.Conv/BatchNorm, the training default) or auto (XLA:CPU: 1x1 convs and BatchNorm sums as "
+                        "matmuls, kernel gradients from a channel-major copy); same parameters")
     p.add_argument("--compare-conv-impl", choices=("auto", "xla"), default=None,
                    help="also time our step with this other formulation, interleaved")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for the fraction-of-peak figure (default: known GPUs' bf16 peak)")
     p.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
     p.add_argument("--loop", action="store_true",
                    help="instead: images/s through the real training loop (digits data, logging) vs the bare step")
+    p.add_argument("--loop-train-images", type=int, default=0, metavar="N",
+                   help="--loop on a synthetic cifar10 of N training images instead of digits")
     p.add_argument("--output", default=None, metavar="FILE", help="also write the JSON here")
     p.set_defaults(func=_cmd_benchmark)
 
@@ -270,14 +275,15 @@ def _cmd_benchmark(args):
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.loop:
         result = benchmark.loop_overhead(model=args.model, batch=args.batch, steps=args.steps * args.repeats,
-                                         log=log)
+                                         synthetic_train_images=args.loop_train_images, log=log)
         log(benchmark.format_loop_summary(result))
     else:
         cfg = benchmark.BenchmarkConfig(
             model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype, steps=args.steps,
             repeats=args.repeats, warmup=args.warmup, eval=args.eval, compare_torch=args.compare_torch,
             torch_compile=args.torch_compile, in_channels=args.in_channels, num_classes=args.num_classes,
-            conv_impl=args.conv_impl, compare_conv_impl=args.compare_conv_impl)
+            conv_impl=args.conv_impl, compare_conv_impl=args.compare_conv_impl,
+            peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None)
         result = benchmark.run_benchmark(cfg, log=log)
         log(benchmark.format_summary(result))
     text = json.dumps(result, indent=2)

@@ -159,6 +159,44 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     return True
 
 
+ENV_NO_COMPILATION_CACHE = "FLAX_RESNET_NO_COMPILATION_CACHE"
+
+
+def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache, unless it is already configured or disabled.
+
+    A compiled train step is written to disk and reused by the next process with the same
+    program, JAX/XLA version and devices (a resumed run, the evaluation after training, a
+    rerun): on a GPU or TPU that saves the tens of seconds to minutes a ResNet-50 step takes
+    to compile. Where it goes, in order: ``JAX_COMPILATION_CACHE_DIR`` (JAX's own variable,
+    or anything already set through ``jax.config``) wins; else ``cache_dir``; else
+    ``$XDG_CACHE_HOME/flax_resnet/jax`` (``~/.cache/flax_resnet/jax``). Setting
+    ``FLAX_RESNET_NO_COMPILATION_CACHE=1`` leaves it off. Only programs that took at least
+    JAX's ``jax_persistent_cache_min_compile_time_secs`` (1 s) to compile are stored.
+    Returns the directory in use, or None.
+    """
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    if os.environ.get(ENV_NO_COMPILATION_CACHE, "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    if cache_dir is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        cache_dir = os.path.join(base, "flax_resnet", "jax")
+    cache_dir = os.fspath(cache_dir)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError:
+        return None  # an unwritable cache never stops training; it only costs compile time
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    # JAX decides once, at the first compile, whether a cache is in use: if something was
+    # compiled before this call (the Python API), make it look again.
+    from jax.experimental.compilation_cache import compilation_cache
+
+    compilation_cache.reset_cache()
+    return cache_dir
+
+
 def any_process(flag: bool) -> bool:
     """``flag`` OR-ed over all processes, so every process takes the same decision.
 

@@ -43,7 +43,16 @@ class BatchNorm(nnx.BatchNorm):
     would drift away from PyTorch's statistics during fine-tuning; this class keeps them
     equal. Everything else (``scale``/``bias`` Params, ``mean``/``var`` BatchStats, the
     ``use_running_average`` view, eval mode) is NNX's own.
+
+    With ``impl="auto"`` (opt-in, XLA:CPU, float32 NHWC) train mode runs
+    :func:`batch_norm_nhwc` instead: the per-channel sums as matmuls and a two-pass variance.
     """
+
+    def __init__(self, *args, impl: str = "xla", **kwargs):
+        if impl not in CONV_IMPLS:
+            raise ValueError(f"batch norm impl {impl!r}: choose one of {CONV_IMPLS}")
+        super().__init__(*args, **kwargs)
+        self.impl = impl
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
         use_ra = self.use_running_average if use_running_average is None else use_running_average
@@ -60,6 +69,12 @@ class BatchNorm(nnx.BatchNorm):
         bias = self.bias[...] if self.bias is not None else None
         x, _, _, scale, bias = self.promote_dtype(
             (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
+        if (self.impl == "auto" and jax.default_backend() == "cpu" and mask is None and self.axis_name is None
+                and x.ndim == 4 and feature_axes == (3,) and x.dtype == jnp.float32
+                and scale is not None and bias is not None):
+            y, mean, var = batch_norm_nhwc(x.reshape(x.shape[0], -1, x.shape[3]), scale, bias, self.epsilon)
+            self._update_running(mean, var, x.size // x.shape[3])
+            return y.reshape(x.shape)
         mean, var = _compute_stats(
             x, reduction_axes, dtype=self.dtype, axis_name=self.axis_name,
             use_fast_variance=self.use_fast_variance, mask=mask)
@@ -70,11 +85,15 @@ class BatchNorm(nnx.BatchNorm):
             n = jnp.sum(jnp.broadcast_to(mask, x.shape), axis=reduction_axes)
         if self.axis_name is not None:
             n = n * jax.lax.psum(1, self.axis_name)
+        self._update_running(mean, var, n)
+        return _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, self.dtype, self.epsilon)
+
+    def _update_running(self, mean: jax.Array, var: jax.Array, n) -> None:
+        """Folds the batch statistics into the running ones, the variance unbiased (``n`` values per channel)."""
         unbiased = var * (n / jnp.maximum(n - 1, 1))
         stop = jax.lax.stop_gradient if (self.mean._can_update or self.var._can_update) else (lambda v: v)
         self.mean[...] = stop(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
         self.var[...] = stop(self.momentum * self.var[...] + (1 - self.momentum) * unbiased)
-        return _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, self.dtype, self.epsilon)
 
 
 # ----------------------------------------------------------------------------- convolutions
@@ -86,13 +105,13 @@ class BatchNorm(nnx.BatchNorm):
 #    producer chain into the transpose, recomputed per element with a cache-hostile stride.
 #    In ResNet-20 the residual chain of every earlier block of the stage was recomputed in
 #    each transpose (cost quadratic in depth): half of the train step.
-# The kernel gradients here are computed from *channel-major* copies made by a matmul with
-# the identity (a "NT" dot that XLA's matmul library reads in place; exact for finite
-# values: each output is one product by 1.0 plus exact zeros), so no transpose is left for
-# XLA to fuse: a kxk kernel gradient is one batch-1 convolution over the images stacked
-# along H ("tall"); a 1x1 kernel gradient is a plain matmul. Values equal
-# lax.conv_general_dilated's up to float rounding (the same sums in another order);
-# tests/test_benchmark.py checks outputs and gradients.
+# Here the kernel gradients read a *channel-major* copy of the layer input made by a matmul
+# with the identity (an "NT" dot that XLA's matmul library reads in place, from the
+# materialised input; exact for finite values: each output is one product by 1.0 plus exact
+# zeros). A kxk kernel gradient is then the very convolution XLA would have built (N as the
+# contracted feature dimension: the same values, bit for bit, and the same all-reduce of a
+# batch-sharded contraction under GSPMD), fed from that copy; a 1x1 kernel gradient is a
+# plain matmul. tests/test_benchmark.py checks outputs and gradients against nnx.Conv.
 CONV_IMPLS = ("auto", "xla")
 
 
@@ -107,37 +126,28 @@ def channel_major(x2d: jax.Array) -> jax.Array:
     return jax.lax.dot_general(eye, x2d, (((1,), (1,)), ((), ())))
 
 
-def tall_weight_grad_ok(x_shape, kernel_shape, stride: int, pad: int) -> bool:
-    """Whether :func:`conv_weight_grad_tall` applies: square kernel, the padded size a multiple of the stride."""
-    _, h, w, _ = x_shape
-    return kernel_shape[0] == kernel_shape[1] and (h + 2 * pad) % stride == 0 and (w + 2 * pad) % stride == 0
-
-
-def conv_weight_grad_tall(x: jax.Array, g: jax.Array, kernel_shape, stride: int, pad: int) -> jax.Array:
+def conv_weight_grad(x: jax.Array, g: jax.Array, kernel_shape, stride: int, pad: int) -> jax.Array:
     """The kernel gradient of ``_conv(x, kernel, stride, pad)`` for the output cotangent ``g``.
 
-    ``dW[i, j, ci, co] = sum_{n, r, q} xpad[n, s*r + i, s*q + j, ci] * g[n, r, q, co]``. The padded
-    images are stacked along H into one tall image per channel (``[C, N*Hp, Wp, 1]``, from
-    :func:`channel_major`) and ``g`` likewise, with zero rows where a window would straddle two
-    images; the sum is then one VALID convolution with ``g`` as the kernel (dilated by the
-    stride) and the channels as its batch. Requires :func:`tall_weight_grad_ok`.
+    ``dW[i, j, ci, co] = sum_{n, r, q} xpad[n, s*r + i, s*q + j, ci] * g[n, r, q, co]``: XLA's own
+    weight-gradient convolution (batch contracted as the feature dimension, ``g`` as the
+    kernel dilated by the stride), with the input given channel-major by :func:`channel_major`
+    instead of through XLA's fused transpose.
     """
     n, h, w, c = x.shape
     k = kernel_shape[0]
-    hp, wp = h + 2 * pad, w + 2 * pad
-    rows = hp // stride                       # g rows per stacked image (the last ones zero)
     xt = channel_major(x.reshape(-1, c)).reshape(c, n, h, w)
-    xt = jnp.pad(xt, ((0, 0), (0, 0), (pad, pad), (pad, pad))).reshape(c, n * hp, wp, 1)
-    gt = jnp.pad(g, ((0, 0), (0, rows - g.shape[1]), (0, 0), (0, 0))).reshape(n * rows, g.shape[2], 1, -1)
-    gt = gt[: (n * hp - k) // stride + 1]
-    dw = jax.lax.conv_general_dilated(xt, gt, (1, 1), "VALID", rhs_dilation=(stride, stride),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return dw[:, :k, :k, :].transpose(1, 2, 0, 3)
+    # High padding so that the dilated g window fits exactly (PyTorch's floor for strided convs).
+    hi_h = (g.shape[1] - 1) * stride + k - h - pad
+    hi_w = (g.shape[2] - 1) * stride + k - w - pad
+    dw = jax.lax.conv_general_dilated(xt, g, (1, 1), ((pad, hi_h), (pad, hi_w)), rhs_dilation=(stride, stride),
+                                      dimension_numbers=("NCHW", "IHWO", "NHWC"))
+    return dw.transpose(1, 2, 0, 3)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_kxk(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-    """``lax.conv_general_dilated`` (NHWC, HWIO, symmetric padding) with :func:`conv_weight_grad_tall`."""
+    """``lax.conv_general_dilated`` (NHWC, HWIO, symmetric padding) with :func:`conv_weight_grad`."""
     return _conv(x, kernel, stride, pad)
 
 
@@ -148,7 +158,7 @@ def _conv_kxk_fwd(x, kernel, stride, pad):
 def _conv_kxk_bwd(stride, pad, res, g):
     x, kernel = res
     _, vjp_x = jax.vjp(lambda xx: _conv(xx, kernel, stride, pad), x)
-    return vjp_x(g)[0], conv_weight_grad_tall(x, g, kernel.shape, stride, pad).astype(kernel.dtype)
+    return vjp_x(g)[0], conv_weight_grad(x, g, kernel.shape, stride, pad).astype(kernel.dtype)
 
 
 conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
@@ -186,13 +196,69 @@ def conv1x1(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
     return _matmul_1x1(x, kernel[0, 0])
 
 
+def _channel_sums(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    """Per-channel sums of ``[N, P, C]`` arrays: each image's sum as a batched ones-vector matmul, then over N.
+
+    The matmul accumulates each image's ``P`` rows in one running sum per channel; summing
+    the ``N`` per-image results with an XLA reduction keeps the rounding close to a pairwise
+    sum, and makes a batch-sharded sum the same per-image sums plus an ``N``-way reduction
+    over devices (the 8-device step equals the 1-device one to ~1e-7).
+    """
+    ones = jnp.ones(xs[0].shape[:2], xs[0].dtype)
+    return tuple(jnp.sum(jax.lax.dot_general(ones, x, (((1,), (1,)), ((0,), (0,)))), axis=0) for x in xs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_nhwc(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+    """Train-mode BatchNorm of ``x`` (``[N, H*W, C]``): ``(y, batch mean, biased batch variance)``.
+
+    ``nnx.BatchNorm``'s normalisation with the variance computed in two passes, as PyTorch
+    does (``mean((x - mean)^2)``, not NNX's ``E[x^2] - E[x]^2``, which loses digits when
+    ``|mean| >> std``), and every reduction over N*H*W, forward and backward, computed by
+    :func:`_channel_sums` as matmuls: XLA:CPU emits column reductions of NHWC activations as
+    slow loops (a ResNet-50 batch-16 train step spent ~2.5 s of 5.4 s in them) where the
+    matmul library streams the rows at memory speed. The backward pass is BatchNorm's closed
+    form (two channel sums), not autodiff's.
+    """
+    return _batch_norm_nhwc_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_nhwc_fwd(x, scale, bias, epsilon):
+    count = x.shape[0] * x.shape[1]
+    (s1,) = _channel_sums(x)
+    mean = s1 / count
+    centred = x - mean
+    (s2,) = _channel_sums(centred * centred)
+    var = s2 / count
+    inv = jax.lax.rsqrt(var + epsilon)
+    y = (x - mean) * (inv * scale) + bias
+    return (y, mean, var), (x, mean, inv, scale)
+
+
+def _batch_norm_nhwc_bwd(epsilon, res, cotangents):
+    x, mean, inv, scale = res
+    dy, dmean, dvar = cotangents
+    count = x.shape[0] * x.shape[1]
+    xhat = (x - mean) * inv
+    dbias, dscale = _channel_sums(dy, dy * xhat)
+    dx = (inv * scale) * (dy - dbias / count - xhat * (dscale / count))
+    # The batch statistics are outputs too (the running averages use them, under stop_gradient).
+    dx = dx + dmean / count + (x - mean) * (2.0 * dvar / count)
+    return dx, dscale, dbias
+
+
+batch_norm_nhwc.defvjp(_batch_norm_nhwc_fwd, _batch_norm_nhwc_bwd)
+
+
 class Conv(nnx.Conv):
     """``nnx.Conv`` (same ``kernel``/``bias`` parameters, shapes and init) computed the fast way.
 
-    With ``impl="auto"``: 1x1 convolutions run as :func:`conv1x1` (a matmul); kxk ones as
-    ``lax.conv_general_dilated`` with the kernel gradient of :func:`conv_weight_grad_tall`.
-    Grouped convolutions, and ``impl="xla"``, use ``nnx.Conv`` unchanged. Only NHWC inputs
-    with symmetric integer padding are specialised (what :meth:`Layers.conv` builds).
+    With ``impl="auto"`` on the CPU backend: 1x1 convolutions run as :func:`conv1x1` (a
+    matmul); kxk ones as ``lax.conv_general_dilated`` with the kernel gradient of
+    :func:`conv_weight_grad`. On GPUs/TPUs (whose convolution libraries have no such
+    weakness), grouped convolutions, and with ``impl="xla"``, it is ``nnx.Conv`` unchanged.
+    Only NHWC inputs with symmetric integer padding are specialised (what
+    :meth:`Layers.conv` builds).
     """
 
     def __init__(self, *args, impl: str = "auto", **kwargs):
@@ -203,7 +269,8 @@ class Conv(nnx.Conv):
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
         pad, stride = self.padding, self.strides
-        specialised = (self.impl == "auto" and self.feature_group_count == 1 and inputs.ndim == 4
+        specialised = (self.impl == "auto" and jax.default_backend() == "cpu"
+                       and self.feature_group_count == 1 and inputs.ndim == 4
                        and self.mask is None and out_sharding is None and isinstance(stride, int)
                        and isinstance(pad, tuple) and len(set(pad)) == 1 and pad[0][0] == pad[0][1]
                        and self.kernel_size[0] == self.kernel_size[1]
@@ -215,10 +282,8 @@ class Conv(nnx.Conv):
         x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
         if self.kernel_size[0] == 1 and pad == 0:
             y = conv1x1(x, kernel, stride)
-        elif tall_weight_grad_ok(x.shape, kernel.shape, stride, pad):
-            y = conv_kxk(x, kernel, stride, pad)
         else:
-            y = _conv(x, kernel, stride, pad)
+            y = conv_kxk(x, kernel, stride, pad)
         return y if bias is None else y + bias.reshape((1, 1, 1, -1))
 
 
@@ -249,7 +314,7 @@ class Layers:
       param_dtype: storage dtype of parameters and BatchNorm statistics.
       bn_momentum: Flax convention (weight of the *old* running value): 0.9 equals PyTorch's 0.1.
       bn_epsilon: 1e-5, as PyTorch.
-      conv_impl: "auto" (1x1 convs as matmuls, the tall kernel gradient; see :class:`Conv`) or
+      conv_impl: "auto" (1x1 convs as matmuls, kernel gradients from a channel-major copy; see :class:`Conv`) or
         "xla" (plain ``nnx.Conv`` arithmetic). Parameters are the same either way.
     """
 
@@ -277,7 +342,7 @@ class Layers:
         return BatchNorm(
             features, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
             scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
-            dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
+            dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs, impl=self.conv_impl)
 
     def projection(self, cin: int, cout: int, stride: int, *, norm: bool = True) -> nnx.List:
         """Option B shortcut: 1x1 conv (+ BN). An ``nnx.List`` so keys read ``downsample/0``, ``/1``."""

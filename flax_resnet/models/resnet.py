@@ -52,8 +52,10 @@ class ResNet(nnx.Module):
       zero_init_residual: zero the last BatchNorm scale of each residual branch (Goyal et al.).
       dtype: computation dtype (e.g. ``jnp.bfloat16``); params stay in ``param_dtype``.
       bn_momentum, bn_epsilon: Flax-convention momentum (0.9 == PyTorch 0.1) and epsilon.
-      conv_impl: "auto" (fast formulations on XLA:CPU, see :class:`~flax_resnet.models.blocks.Conv`)
-        or "xla" (plain ``nnx.Conv``); the parameters and the values are the same.
+      conv_impl: "xla" (plain ``nnx.Conv``/``nnx.BatchNorm`` arithmetic, the default) or "auto"
+        (opt-in fast formulations on XLA:CPU: :class:`~flax_resnet.models.blocks.Conv`,
+        :func:`~flax_resnet.models.blocks.batch_norm_nhwc`); the parameters are the same and
+        the values equal up to float rounding.
       rngs: NNX random streams.
     """
 

@@ -129,27 +129,47 @@ def _train_epoch(train_fn, state, batches, *, step, epoch, num_epochs, epoch_sta
                  save, should_save, check_metrics, should_stop):
     """Runs the steps ``[step, epoch_end)`` of one epoch with a progress bar.
 
-    Metrics stay on device and are fetched once per ``log_every_steps`` (one sync), then
-    checked (``check_metrics(rows, first_step)`` raises on NaN/inf), logged and shown as the
-    running loss and images/s. Periodic checkpoints go through ``save(state, step)`` on the
-    steps ``should_save`` names, after the metrics up to that step are fetched and checked
-    (epoch ends are saved by the caller). ``should_stop(step)`` is asked before every step.
+    Metrics stay on device. At each ``log_every_steps`` boundary their host copies are
+    started (``copy_to_host_async``) and the *previous* interval's, long finished, are
+    fetched, checked (``check_metrics(rows, first_step)`` raises on NaN/inf), logged and shown
+    as the running loss and images/s: the host never waits for the step it has just
+    dispatched, so the device is not left idle while the host logs. Before a periodic
+    checkpoint (``save(state, step)`` on the steps ``should_save`` names), at the epoch's end
+    (saved by the caller) and on a stop, every outstanding interval is fetched and checked
+    first, so no unchecked state is saved. ``should_stop(step)`` is asked before every step.
     Returns ``(state, step reached, fetched metric rows, images/s per log interval, stopped)``.
     """
     log_every = max(int(config.log_every_steps), 1)
     bar = run_logging.Progress(epoch_end - epoch_start, initial=step - epoch_start,
                                desc=f"epoch {epoch + 1}/{num_epochs}")
     pending, rows, rates, meter = [], [], [], run_logging.Throughput()
+    in_flight, in_flight_step = [], step  # the last interval: host copies started, fetched at the next boundary
 
-    def flush():
-        nonlocal pending
-        fetched, pending = jax.device_get(pending), []
-        check_metrics(fetched, step - len(fetched) + 1)
+    def flush(interval, last_step):
+        fetched = jax.device_get(interval)
+        check_metrics(fetched, last_step - len(fetched) + 1)
+        meter.add(config.batch_size * len(fetched))
         rate = meter.mark()
         rates.append(rate)
         rows.extend(fetched)
-        logger.log("train", step, {"epoch": epoch + 1, **run_logging.mean_metrics(fetched), "images_per_sec": rate})
+        logger.log("train", last_step, {"epoch": epoch + 1, **run_logging.mean_metrics(fetched), "images_per_sec": rate})
         return {"loss": f"{run_logging.mean_metrics(rows)['loss']:.4f}", "img/s": f"{rate:.0f}"}
+
+    def flush_all():
+        nonlocal pending, in_flight
+        postfix = flush(in_flight, in_flight_step) if in_flight else {}
+        postfix = flush(pending, step) if pending else postfix
+        pending, in_flight = [], []
+        return postfix
+
+    def rotate():
+        nonlocal pending, in_flight, in_flight_step
+        postfix = flush(in_flight, in_flight_step) if in_flight else {}
+        for metrics in pending:
+            for value in metrics.values():
+                value.copy_to_host_async()
+        pending, in_flight, in_flight_step = [], pending, step
+        return postfix
 
     stopped = False
     try:
@@ -160,14 +180,15 @@ def _train_epoch(train_fn, state, batches, *, step, epoch, num_epochs, epoch_sta
             state, metrics = train_fn(state, next(batches))
             step += 1
             pending.append(metrics)
-            meter.add(config.batch_size)
             save_now = step != epoch_end and should_save(step)
-            postfix = flush() if (step % log_every == 0 or step == epoch_end or save_now) else {}
+            if step == epoch_end or save_now:
+                postfix = flush_all()
+            else:
+                postfix = rotate() if step % log_every == 0 else {}
             bar.update(1, **postfix)
             if save_now:
                 save(state, step)
-        if pending:  # stopped between two log intervals
-            flush()
+        flush_all()  # stopped between two log intervals
     finally:
         bar.close()  # before any error message is printed
     return state, step, rows, rates, stopped
@@ -261,6 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     from flax_resnet.models import registry
 
     parallel.initialize_distributed()  # no-op unless launched as one of several processes
+    parallel.enable_compilation_cache()  # reused by resumed runs and reruns (JAX_COMPILATION_CACHE_DIR wins)
     t_start = time.perf_counter()
     main = run_logging.is_main_process()
     say = print_fn if main else (lambda *a, **k: None)

@@ -1,0 +1,202 @@
+"""The benchmark harness (functional only, never a timing assertion), the fast convolution and
+BatchNorm formulations against the plain ones, and the PyTorch reference against our model."""
+
+from __future__ import annotations
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flax_resnet import benchmark, cli
+from flax_resnet.models import blocks
+
+
+# --------------------------------------------------------------------------- harness
+def test_benchmark_cli_writes_json_with_the_documented_keys(tmp_path, capsys):
+    pytest.importorskip("torch")
+    out = tmp_path / "bench.json"
+    rc = cli.main(["benchmark", "--model", "resnet8", "--batch", "8", "--steps", "2", "--repeats", "1",
+                   "--warmup", "1", "--compare-torch", "--output", str(out)])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    result = json.loads(out.read_text())
+    assert printed == result
+    assert set(benchmark.RESULT_KEYS) <= set(result)
+    assert result["model"] == "resnet8" and result["batch"] == 8 and result["image_size"] == 32
+    assert result["conv_impl"] == "xla" and result["dtype"] == "float32"
+    for kind in ("train", "eval"):
+        assert result[kind]["images_per_sec"] > 0 and result[kind]["cpu_s_per_step"] > 0
+        assert len(result[kind]["repeats_images_per_sec"]) == 1
+        assert result["torch"][kind]["images_per_sec"] > 0
+        assert result["ratio"][kind] > 0 and result["ratio"][f"{kind}_paired_median"] > 0
+    assert result["compile_s"] > 0 and result["eval_compile_s"] > 0
+    assert result["flops"]["forward_per_image"] > 0
+    assert result["flops"]["train_per_image"] == pytest.approx(3 * result["flops"]["forward_per_image"])
+    assert result["flops"]["train_flops_per_sec"] > 0
+    assert result["memory"]["xla_peak_estimate_bytes"] > 0 and result["memory"]["host_max_rss_bytes"] > 0
+    assert result["torch"]["memory_format"] == "channels_last"
+    assert len(result["environment"]["load_average"]) == 3
+
+
+def test_loop_overhead_runs_the_real_loop(digits_data_dir):
+    r = benchmark.loop_overhead("resnet8", batch=16, steps=4, log_every=2, data_dir=str(digits_data_dir))
+    assert set(benchmark.LOOP_KEYS) <= set(r)
+    assert r["dataset"] == "digits" and r["steps"] == 4
+    assert r["loop_images_per_sec"] > 0 and r["bare_images_per_sec"] > 0
+    assert r["loop_over_bare"] == pytest.approx(r["loop_images_per_sec"] / r["bare_images_per_sec"])
+    assert len(r["loop_interval_images_per_sec"]) == 2  # one train record per logged interval
+
+
+def test_benchmark_rejects_bad_arguments(capsys):
+    assert cli.main(["benchmark", "--model", "resnet5"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert cli.main(["benchmark", "--model", "resnet8", "--steps", "0"]) == 2
+
+
+# --------------------------------------------------------------------------- formulations
+def _loss(module, x):
+    y = module(x).astype(jnp.float32)
+    return jnp.sum(y * jnp.cos(y))  # a cotangent that is not uniform
+
+
+@pytest.mark.parametrize("cin,cout,kernel,stride,size", [
+    (5, 6, 3, 1, 9),    # odd size, stride 1
+    (5, 6, 3, 2, 8),    # stride 2, even size: g dilated by the stride
+    (5, 6, 3, 2, 9),    # stride 2, odd size: the last input row/column is never read
+    (8, 12, 1, 1, 7),   # 1x1 as a matmul, x made channel-major
+    (12, 8, 1, 2, 8),   # strided 1x1, g made channel-major
+    (3, 8, 7, 2, 16),   # the ImageNet stem
+])
+def test_fast_convolutions_match_lax(cin, cout, kernel, stride, size):
+    fast = blocks.Layers(nnx.Rngs(0)).conv(cin, cout, kernel, stride)
+    plain = blocks.Layers(nnx.Rngs(0), conv_impl="xla").conv(cin, cout, kernel, stride)
+    assert isinstance(fast, nnx.Conv) and fast.kernel.shape == (kernel, kernel, cin, cout)
+    chex.assert_trees_all_equal(fast.kernel[...], plain.kernel[...])  # same parameters, same init
+    x = jax.random.normal(jax.random.key(1), (3, size, size, cin))
+    chex.assert_trees_all_close(jax.jit(lambda x: fast(x))(x), plain(x), atol=1e-5, rtol=1e-5)
+    g_fast = jax.jit(nnx.grad(_loss, argnums=(0, 1)))(fast, x)
+    g_plain = nnx.grad(_loss, argnums=(0, 1))(plain, x)
+    scale = float(jnp.max(jnp.abs(g_plain[0].kernel[...])))
+    chex.assert_trees_all_close(g_fast[0].kernel[...], g_plain[0].kernel[...], atol=2e-6 * scale, rtol=1e-5)
+    chex.assert_trees_all_close(g_fast[1], g_plain[1], atol=1e-5, rtol=1e-5)
+
+
+def test_channel_major_is_an_exact_transpose():
+    x = jax.random.normal(jax.random.key(0), (300, 16)) * 1e3
+    chex.assert_trees_all_equal(jax.jit(blocks.channel_major)(x), x.T)
+
+
+def test_kxk_kernel_gradient_is_xlas_bit_for_bit():
+    # Same convolution as XLA's own weight gradient, only fed from the channel-major copy.
+    x = jax.random.normal(jax.random.key(0), (4, 9, 9, 5))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 5, 6))
+    for stride in (1, 2):
+        g = jax.random.normal(jax.random.key(2), blocks._conv(x, kernel, stride, 1).shape)
+        want = jax.jit(lambda x, g: jax.vjp(lambda k: blocks._conv(x, k, stride, 1), kernel)[1](g)[0])(x, g)
+        got = jax.jit(lambda x, g: blocks.conv_weight_grad(x, g, kernel.shape, stride, 1))(x, g)
+        chex.assert_trees_all_equal(got, want)
+
+
+def test_model_with_fast_formulations_matches_plain_model():
+    # A whole network (strided 3x3 convs, option-A shortcuts): same loss and gradients.
+    for name, kw in (("resnet8", {}),):
+        fast = fr_model(name, "auto", **kw)
+        plain = fr_model(name, "xla", **kw)
+        size = 32
+        x = jax.random.normal(jax.random.key(2), (4, size, size, 3))
+        l_fast, g_fast = jax.jit(nnx.value_and_grad(_loss))(fast, x)
+        l_plain, g_plain = jax.jit(nnx.value_and_grad(_loss))(plain, x)
+        chex.assert_trees_all_close(l_fast, l_plain, rtol=1e-4)
+        fa, pa = nnx.state(g_fast, nnx.Param), nnx.state(g_plain, nnx.Param)
+        chex.assert_trees_all_close(fa, pa, atol=2e-3, rtol=2e-3)
+
+
+def fr_model(name, impl, **kw):
+    from flax_resnet.models import create_model
+
+    return create_model(name, conv_impl=impl, **kw)
+
+
+# --------------------------------------------------------------------------- the PyTorch reference
+def test_torch_reference_is_our_network():
+    torch = pytest.importorskip("torch")
+    from flax_resnet import torch_reference
+    from flax_resnet.models import create_model
+    from flax_resnet.training.state import split_model
+
+    model = create_model("resnet8")
+    _, params, stats = split_model(model)
+    ref = torch_reference.create_torch_model("resnet8")
+    torch_reference.load_flax_weights(ref, params, stats)
+    x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    for train in (False, True):
+        model.train() if train else model.eval()
+        ref.train(train)
+        with torch.no_grad():
+            want = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+        chex.assert_trees_all_close(np.asarray(model(jnp.asarray(x))), want, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- BatchNorm as matmuls
+def test_batch_norm_as_matmuls_matches_nnx_batch_norm():
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 8)) * 3 + 1
+    outs = {}
+    for impl in ("auto", "xla"):
+        bn = blocks.Layers(nnx.Rngs(0), conv_impl=impl).norm(8)
+        bn.scale[...] = jnp.linspace(0.5, 2.0, 8)
+        bn.bias[...] = jnp.linspace(-1.0, 1.0, 8)
+
+        @nnx.jit
+        def step(bn, x):
+            (loss, y), grads = nnx.value_and_grad(lambda m, x: (_loss(m, x), m(x)), argnums=(0, 1), has_aux=True)(bn, x)
+            return y, grads
+
+        y, (g_bn, g_x) = step(bn, x)
+        outs[impl] = (y, g_bn.scale[...], g_bn.bias[...], g_x, bn.mean[...], bn.var[...])
+    assert outs["auto"][4].shape == (8,) and float(jnp.max(jnp.abs(outs["auto"][4]))) > 0.05  # stats moved
+    for got, want in zip(outs["auto"], outs["xla"]):
+        chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_batch_norm_as_matmuls_is_the_same_sharded():
+    # Per-image matmul sums, then an N-way sum: the 8-device result is the 1-device one.
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    x = jax.random.normal(jax.random.key(0), (16, 64, 16)) * 2 + 0.5
+    scale, bias = jnp.linspace(0.5, 2, 16), jnp.linspace(-1, 1, 16)
+
+    def f(x, scale, bias):
+        y, mean, var = blocks.batch_norm_nhwc(x, scale, bias, 1e-5)
+        return jnp.sum(jnp.cos(y)), (mean, var)
+
+    grad = jax.grad(f, argnums=(0, 1, 2), has_aux=True)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    sharded = jax.jit(grad, in_shardings=(NamedSharding(mesh, P("data")), None, None))
+    one = jax.jit(grad)(x, scale, bias)
+    chex.assert_trees_all_close(sharded(x, scale, bias), one, atol=2e-6, rtol=2e-6)
+
+
+def test_compilation_cache_setting(tmp_path, monkeypatch):
+    from jax.experimental.compilation_cache import compilation_cache
+
+    from flax_resnet import parallel
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv(parallel.ENV_NO_COMPILATION_CACHE, "1")
+        assert parallel.enable_compilation_cache(tmp_path / "c") is None
+        assert jax.config.jax_compilation_cache_dir is None
+        monkeypatch.delenv(parallel.ENV_NO_COMPILATION_CACHE)
+        assert parallel.enable_compilation_cache(tmp_path / "c") == str(tmp_path / "c")
+        assert (tmp_path / "c").is_dir() and jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
+        # Already configured (JAX_COMPILATION_CACHE_DIR or jax.config): left as it is.
+        assert parallel.enable_compilation_cache(tmp_path / "other") == str(tmp_path / "c")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        compilation_cache.reset_cache()
