@@ -71,8 +71,8 @@ class BenchmarkConfig:
       compare_torch: also time the PyTorch reference, interleaved with ours.
       torch_compile: wrap the PyTorch model in ``torch.compile`` (for GPUs; slow to compile on CPU).
       in_channels, num_classes: input channels and classifier size (default: the model's).
-      conv_impl: our convolution formulation, "auto" (the fast one) or "xla" (plain
-        ``nnx.Conv``), see :class:`flax_resnet.models.blocks.Conv`.
+      conv_impl: the model's ``conv_impl``: "auto" (the default, the CPU fast path) or "xla"
+        (plain ``nnx.Conv``/``nnx.BatchNorm``), see :mod:`flax_resnet.models.blocks`.
       compare_conv_impl: also time our step built with this other formulation, interleaved.
       peak_flops: the device's peak FLOP/s for ``fraction_of_peak`` (default: bfloat16 tensor-core
         peak of a known GPU, else none).
@@ -91,7 +91,7 @@ class BenchmarkConfig:
     torch_compile: bool = False
     in_channels: int = 3
     num_classes: int | None = None
-    conv_impl: str = "xla"
+    conv_impl: str = "auto"
     compare_conv_impl: str | None = None
     peak_flops: float | None = None
     seed: int = 0

@@ -250,9 +250,9 @@ def _add_benchmark(sub):
     p.add_argument("--no-eval", dest="eval", action="store_false", help="skip the eval step")
     p.add_argument("--compare-torch", action="store_true", help="also time the PyTorch reference, interleaved")
     p.add_argument("--torch-compile", action="store_true", help="wrap the PyTorch model in torch.compile")
-    p.add_argument("--conv-impl", choices=("auto", "xla"), default="xla",
-                   help="xla (plain nnx.Conv/BatchNorm, the training default) or auto (XLA:CPU: 1x1 convs and BatchNorm sums as "
-                        "matmuls, kernel gradients from a channel-major copy); same parameters")
+    p.add_argument("--conv-impl", choices=("auto", "xla"), default="auto",
+                   help="auto (the default: on CPU, 1x1 convs and BatchNorm sums as matmuls, XLA's own convolutions) "
+                        "or xla (plain nnx.Conv/BatchNorm, XLA defaults); same parameters")
     p.add_argument("--compare-conv-impl", choices=("auto", "xla"), default=None,
                    help="also time our step with this other formulation, interleaved")
     p.add_argument("--peak-tflops", type=float, default=None,

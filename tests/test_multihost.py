@@ -43,7 +43,10 @@ from helpers import CliProcess, restore_state, saved_steps
 from flax_resnet import parallel
 from flax_resnet.errors import UserError
 
-RECIPE = ("--config", "digits_resnet20", "--config.model=resnet8", "--config.batch_size=32",
+# conv_impl=xla: bit-identical per-example arithmetic however the batch is split (see
+# tests/test_training.py::tiny_config); digits at initialisation is too ill-conditioned for the
+# CPU fast path's batch-dependent rounding to stay within 1e-5 over 10 steps.
+RECIPE = ("--config", "digits_resnet20", "--config.model=resnet8", "--config.model_kwargs.conv_impl=xla", "--config.batch_size=32",
           "--config.schedule=constant", "--config.learning_rate=0.05", "--config.log_every_steps=1",
           "--config.checkpoint_every_steps=5")
 STEPS = 10

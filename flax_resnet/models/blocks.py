@@ -44,7 +44,7 @@ class BatchNorm(nnx.BatchNorm):
     equal. Everything else (``scale``/``bias`` Params, ``mean``/``var`` BatchStats, the
     ``use_running_average`` view, eval mode) is NNX's own.
 
-    With ``impl="auto"`` (opt-in, XLA:CPU, float32 NHWC) train mode runs
+    With ``impl="auto"`` (what :class:`Layers` builds by default; XLA:CPU, float32 NHWC) train mode runs
     :func:`batch_norm_nhwc` instead: the per-channel sums as matmuls and a two-pass variance.
     """
 
@@ -314,12 +314,13 @@ class Layers:
       param_dtype: storage dtype of parameters and BatchNorm statistics.
       bn_momentum: Flax convention (weight of the *old* running value): 0.9 equals PyTorch's 0.1.
       bn_epsilon: 1e-5, as PyTorch.
-      conv_impl: "auto" (1x1 convs as matmuls, kernel gradients from a channel-major copy; see :class:`Conv`) or
-        "xla" (plain ``nnx.Conv`` arithmetic). Parameters are the same either way.
+      conv_impl: "auto" (on XLA:CPU: 1x1 convs as matmuls, kernel gradients from a channel-major
+        copy, BatchNorm sums as matmuls; see :class:`Conv`, :class:`BatchNorm`) or "xla" (plain
+        ``nnx.Conv``/``nnx.BatchNorm`` arithmetic). Parameters are the same either way.
     """
 
     def __init__(self, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32,
-                 bn_momentum: float = 0.9, bn_epsilon: float = 1e-5, conv_impl: str = "xla"):
+                 bn_momentum: float = 0.9, bn_epsilon: float = 1e-5, conv_impl: str = "auto"):
         self.rngs = _LayerKeys(rngs.params())
         self.dtype, self.param_dtype = dtype, param_dtype
         self.bn_momentum, self.bn_epsilon = bn_momentum, bn_epsilon

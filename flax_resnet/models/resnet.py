@@ -52,10 +52,12 @@ class ResNet(nnx.Module):
       zero_init_residual: zero the last BatchNorm scale of each residual branch (Goyal et al.).
       dtype: computation dtype (e.g. ``jnp.bfloat16``); params stay in ``param_dtype``.
       bn_momentum, bn_epsilon: Flax-convention momentum (0.9 == PyTorch 0.1) and epsilon.
-      conv_impl: "xla" (plain ``nnx.Conv``/``nnx.BatchNorm`` arithmetic, the default) or "auto"
-        (opt-in fast formulations on XLA:CPU: :class:`~flax_resnet.models.blocks.Conv`,
-        :func:`~flax_resnet.models.blocks.batch_norm_nhwc`); the parameters are the same and
-        the values equal up to float rounding.
+      conv_impl: "auto" (the default: on XLA:CPU the fast formulations of
+        :class:`~flax_resnet.models.blocks.Conv` and
+        :func:`~flax_resnet.models.blocks.batch_norm_nhwc`, and XLA's own convolutions via
+        :func:`~flax_resnet.training.steps.compiler_options`; plain arithmetic on GPU/TPU) or
+        "xla" (plain ``nnx.Conv``/``nnx.BatchNorm`` and XLA's defaults everywhere). The
+        parameters are the same and the values equal up to float rounding.
       rngs: NNX random streams.
     """
 
@@ -64,7 +66,7 @@ class ResNet(nnx.Module):
                  in_channels: int = 3, shortcut: Shortcut = "B", groups: int = 1,
                  base_width: int = 64, zero_init_residual: bool = False,
                  dtype: Any = None, param_dtype: Any = jnp.float32,
-                 bn_momentum: float = 0.9, bn_epsilon: float = 1e-5, conv_impl: str = "xla",
+                 bn_momentum: float = 0.9, bn_epsilon: float = 1e-5, conv_impl: str = "auto",
                  rngs: nnx.Rngs):
         if len(layers) != len(widths):
             raise ValueError(f"layers {tuple(layers)} and widths {tuple(widths)} differ in length")

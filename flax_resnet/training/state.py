@@ -45,10 +45,16 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class ModelGraph:
-    """The static half of a split NNX model: one graph per BatchNorm mode."""
+    """The static half of a split NNX model: one graph per BatchNorm mode.
+
+    ``cpu_fast_path``: some layer computes with ``conv_impl="auto"`` (the XLA:CPU
+    formulations of :mod:`flax_resnet.models.blocks`); the steps are then also compiled
+    with :func:`flax_resnet.training.steps.compiler_options`.
+    """
 
     train_graph: nnx.GraphDef
     eval_graph: nnx.GraphDef
+    cpu_fast_path: bool = False
 
     def apply(self, params, batch_stats, x, *, train: bool):
         """Runs the model functionally. Returns ``(logits, new_batch_stats)``.
@@ -102,7 +108,9 @@ def split_model(model: nnx.Module, *, freeze_bn_stats: bool = False) -> tuple[Mo
             f"model holds state other than nnx.Param/nnx.BatchStat, which training does not carry: {rest}"
         )
     eval_graph = nnx.graphdef(nnx.view(model, use_running_average=True, raise_if_not_found=False))
-    return ModelGraph(train_graph, eval_graph), nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+    fast = any(getattr(m, "impl", None) == "auto" for _, m in nnx.iter_modules(model))
+    return (ModelGraph(train_graph, eval_graph, cpu_fast_path=fast), nnx.to_pure_dict(params),
+            nnx.to_pure_dict(batch_stats))
 
 
 def weight_decay_mask(params: PyTree) -> PyTree:

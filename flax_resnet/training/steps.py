@@ -10,6 +10,7 @@ statistics are all over the *global* batch.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import jax
@@ -124,6 +125,23 @@ def predict_step(state: TrainState, images: jax.Array, *, graph: ModelGraph, com
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
+_YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def compiler_options(graph: ModelGraph) -> dict[str, str] | None:
+    """XLA options for a model's steps: with ``conv_impl="auto"`` on CPU, YNNPACK for matmuls only.
+
+    This jaxlib hands convolutions to YNNPACK by default; XLA's own (Eigen) convolutions
+    are up to 1.8x faster on the CPUs we measured (3x3, 32-64 channels; BUILD_NOTES.md,
+    "Performance"), while YNNPACK's matmuls stay the fastest. Their rounding depends on the
+    per-device batch, which is why the plain ``"xla"`` path keeps XLA's defaults. None on
+    GPU/TPU, for ``"xla"`` models, or when ``XLA_FLAGS`` sets the YNNPACK fusions (yours wins).
+    """
+    if not graph.cpu_fast_path or jax.default_backend() != "cpu" or _YNN_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return None
+    return {_YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
 def jit_train_step(
     mesh,
     *,
@@ -140,14 +158,15 @@ def jit_train_step(
         num_classes=num_classes, label_smoothing=label_smoothing, compute_dtype=compute_dtype,
     )
     rep, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
-    return jax.jit(fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+    return jax.jit(fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0,
+                   compiler_options=compiler_options(graph))
 
 
 def jit_eval_step(mesh, *, graph: ModelGraph, num_classes: int, compute_dtype: Any = jnp.float32):
     """``eval_step`` jitted: state replicated, batch sharded, sums replicated."""
     fn = functools.partial(eval_step, graph=graph, num_classes=num_classes, compute_dtype=compute_dtype)
     rep, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
-    return jax.jit(fn, in_shardings=(rep, data), out_shardings=rep)
+    return jax.jit(fn, in_shardings=(rep, data), out_shardings=rep, compiler_options=compiler_options(graph))
 
 
 def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:
