@@ -17,31 +17,19 @@ Writes ``article.{csv,json}`` (one row per epoch: train loss/error, test loss/er
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 QUICK = {"steps": 5, "batch_size": 16}
 
 
 def parse(argv):
-    from flax_resnet.experiments import split_overrides
+    from flax_resnet.experiments import experiment_parser, parse_experiment_args
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a few steps on digits (used by the tests)")
-    p.add_argument("--outdir", default=None, help="output directory (default runs/experiments/article[_quick])")
-    p.add_argument("--dataset", default=None, help="dataset (default: cifar10 if prepared, else digits; quick: digits)")
-    p.add_argument("--data-dir", default=None, help="TFDS data directory")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's 10 epochs)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (default 128)")
-    p.add_argument("--fresh", action="store_true", help="delete an earlier run in --outdir/run first")
-    args, overrides = split_overrides(p, argv)
-    if args.quick:
-        args.dataset = args.dataset or "digits"
-        args.steps = args.steps or QUICK["steps"]
-        args.batch_size = args.batch_size or QUICK["batch_size"]
-        args.fresh = True
-    args.outdir = args.outdir or f"runs/experiments/article{'_quick' if args.quick else ''}"
-    return args, overrides
+    p = experiment_parser(__doc__, "article", "a few steps on digits (used by the tests)",
+                          steps_help="training steps (default: the recipe's 10 epochs)",
+                          batch_help="global batch (default 128)",
+                          fresh_help="delete an earlier run in --outdir/run first")
+    return parse_experiment_args(p, argv, QUICK)
 
 
 def main(argv=None):
@@ -55,10 +43,7 @@ def main(argv=None):
     if note:
         print(note)
     out = Path(args.outdir)
-    overrides = {"dataset": dataset}
-    for key, value in (("num_train_steps", args.steps), ("batch_size", args.batch_size), ("data_dir", args.data_dir)):
-        if value is not None:
-            overrides[key] = value
+    overrides = {"dataset": dataset, **ex.run_overrides(args)}
     print(f"article: cifar10_article recipe on {dataset}; machine: {ex.machine()}")
     r = ex.run_recipe("cifar10_article", out / "run", overrides, extra_overrides=user_overrides, fresh=args.fresh)
 

@@ -20,34 +20,19 @@ Writes ``cifar10.{csv,json}`` (one row per depth), ``cifar10_epochs.{csv,json}``
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 QUICK = {"depths": [20], "steps": 5, "batch_size": 16}
 
 
 def parse(argv):
-    from flax_resnet.experiments import split_overrides
+    from flax_resnet.experiments import experiment_parser, parse_experiment_args
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="ResNet-20, a few steps on digits (used by the tests)")
-    p.add_argument("--outdir", default=None, help="output directory (default runs/experiments/cifar10[_quick])")
-    p.add_argument("--dataset", default=None, help="dataset (default: cifar10 if prepared, else digits; quick: digits)")
-    p.add_argument("--data-dir", default=None, help="TFDS data directory")
+    p = experiment_parser(__doc__, "cifar10", "ResNet-20, a few steps on digits (used by the tests)",
+                          steps_help="training steps per network (default: the recipe's)",
+                          fresh_help="delete earlier runs in --outdir/runs first")
     p.add_argument("--depths", type=int, nargs="+", default=None, help="default 20 32 44 56 110")
-    p.add_argument("--steps", type=int, default=None, help="training steps per network (default: the recipe's)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: the recipe's)")
-    p.add_argument("--fresh", action="store_true", help="delete earlier runs in --outdir/runs first")
-    args, overrides = split_overrides(p, argv)
-    if args.quick:
-        args.dataset = args.dataset or "digits"
-        args.depths = args.depths or QUICK["depths"]
-        args.steps = args.steps or QUICK["steps"]
-        args.batch_size = args.batch_size or QUICK["batch_size"]
-        args.fresh = True
-    args.depths = args.depths or [20, 32, 44, 56, 110]
-    args.outdir = args.outdir or f"runs/experiments/cifar10{'_quick' if args.quick else ''}"
-    return args, overrides
+    return parse_experiment_args(p, argv, QUICK, {"depths": [20, 32, 44, 56, 110]})
 
 
 def main(argv=None):
@@ -69,11 +54,7 @@ def main(argv=None):
         model = f"resnet{depth}"
         own = f"cifar10_{model}"
         recipe = (own if own in list_configs() else "cifar10_resnet20") if dataset == "cifar10" else ex.recipe_for(dataset)
-        overrides = {"model": model, "dataset": dataset}
-        for key, value in (("num_train_steps", args.steps), ("batch_size", args.batch_size),
-                           ("data_dir", args.data_dir)):
-            if value is not None:
-                overrides[key] = value
+        overrides = {"model": model, "dataset": dataset, **ex.run_overrides(args)}
         r = ex.run_recipe(recipe, out / "runs" / model, overrides, extra_overrides=user_overrides, fresh=args.fresh)
         results[model] = r
         full_steps = get_config(recipe).num_train_steps

@@ -21,34 +21,20 @@ Any ``--config.FIELD=VALUE`` is passed to every run.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 QUICK = {"steps": 12, "batch_size": 16, "log_every": 2}
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a few steps per network on digits (used by the tests)")
-    p.add_argument("--outdir", default=None, help="output directory (default runs/experiments/degradation[_quick])")
-    p.add_argument("--dataset", default=None, help="dataset (default: cifar10 if prepared, else digits; quick: digits)")
-    p.add_argument("--data-dir", default=None, help="TFDS data directory")
-    p.add_argument("--depths", type=int, nargs="+", default=[20, 56], help="depths (6n+2) to compare")
-    p.add_argument("--steps", type=int, default=None, help="training steps per network (default: the recipe's)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: the recipe's)")
-    p.add_argument("--log-every", type=int, default=None, help="steps per training-error point")
-    p.add_argument("--fresh", action="store_true", help="delete earlier runs in --outdir/runs first")
-    from flax_resnet.experiments import split_overrides
+    from flax_resnet.experiments import experiment_parser, parse_experiment_args
 
-    args, overrides = split_overrides(p, argv)
-    if args.quick:
-        args.dataset = args.dataset or "digits"
-        args.steps = args.steps or QUICK["steps"]
-        args.batch_size = args.batch_size or QUICK["batch_size"]
-        args.log_every = args.log_every or QUICK["log_every"]
-        args.fresh = True
-    args.outdir = args.outdir or f"runs/experiments/degradation{'_quick' if args.quick else ''}"
-    return args, overrides
+    p = experiment_parser(__doc__, "degradation", "a few steps per network on digits (used by the tests)",
+                          steps_help="training steps per network (default: the recipe's)",
+                          fresh_help="delete earlier runs in --outdir/runs first")
+    p.add_argument("--depths", type=int, nargs="+", default=[20, 56], help="depths (6n+2) to compare")
+    p.add_argument("--log-every", type=int, default=None, help="steps per training-error point")
+    return parse_experiment_args(p, argv, QUICK)
 
 
 def main(argv=None):
@@ -62,11 +48,7 @@ def main(argv=None):
     if note:
         print(note)
     recipe = ex.recipe_for(dataset)
-    overrides = {"dataset": dataset}
-    for key, value in (("num_train_steps", args.steps), ("batch_size", args.batch_size),
-                       ("log_every_steps", args.log_every), ("data_dir", args.data_dir)):
-        if value is not None:
-            overrides[key] = value
+    overrides = {"dataset": dataset, **ex.run_overrides(args, log_every_steps="log_every")}
     out = Path(args.outdir)
     print(f"degradation: recipe {recipe} on {dataset}, depths {args.depths}; machine: {ex.machine()}")
 

@@ -23,34 +23,23 @@ weight norm, against layer index) into ``--outdir``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 QUICK = {"depths": [20, 56], "k": [0, 3], "batch_size": 16}
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="depths 20/56, a few steps, digits (used by the tests)")
-    p.add_argument("--outdir", default=None, help="output directory (default runs/experiments/gradient_flow[_quick])")
-    p.add_argument("--dataset", default=None, help="dataset (default: cifar10 if prepared, else digits; quick: digits)")
-    p.add_argument("--data-dir", default=None, help="TFDS data directory")
+    from flax_resnet.experiments import experiment_parser, parse_experiment_args
+
+    p = experiment_parser(__doc__, "gradient_flow", "depths 20/56, a few steps, digits (used by the tests)",
+                          batch_help="batch for the SGD steps and the probe (default 128)")
     p.add_argument("--depths", type=int, nargs="+", default=None, help="depths (6n+2), default 20 56 110")
     p.add_argument("--k", type=int, nargs="+", default=None, help="SGD steps after which to measure (0 = init); "
                                                                    "default 0 100")
-    p.add_argument("--batch-size", type=int, default=None, help="batch for the SGD steps and the probe (default 128)")
     p.add_argument("--recipe", default="cifar10_resnet20", help="recipe giving optimiser and schedule")
     p.add_argument("--seed", type=int, default=0)
-    from flax_resnet.experiments import split_overrides
-
-    args, overrides = split_overrides(p, argv)
-    defaults = QUICK if args.quick else {"depths": [20, 56, 110], "k": [0, 100], "batch_size": 128}
-    if args.quick:
-        args.dataset = args.dataset or "digits"
-    args.depths = args.depths or defaults["depths"]
-    args.k = sorted(set(args.k if args.k is not None else defaults["k"]))
-    args.batch_size = args.batch_size or defaults["batch_size"]
-    args.outdir = args.outdir or f"runs/experiments/gradient_flow{'_quick' if args.quick else ''}"
+    args, overrides = parse_experiment_args(p, argv, QUICK, {"depths": [20, 56, 110], "k": [0, 100], "batch_size": 128})
+    args.k = sorted(set(args.k))
     return args, overrides
 
 

@@ -187,6 +187,51 @@ def split_overrides(parser, argv: Sequence[str]):
     return args, rest
 
 
+def experiment_parser(doc: str, name: str, quick_help: str, *, steps_help: str | None = None,
+                      batch_help: str = "global batch (default: the recipe's)", fresh_help: str | None = None):
+    """The arguments every experiment script shares: ``--quick``, ``--outdir``, ``--dataset``,
+    ``--data-dir``, ``--batch-size``, and (when their help is given) ``--steps`` / ``--fresh``.
+    Scripts add their own, then call :func:`parse_experiment_args`."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--outdir", default=None, help=f"output directory (default runs/experiments/{name}[_quick])")
+    p.add_argument("--dataset", default=None, help="dataset (default: cifar10 if prepared, else digits; quick: digits)")
+    p.add_argument("--data-dir", default=None, help="TFDS data directory")
+    if steps_help:
+        p.add_argument("--steps", type=int, default=None, help=steps_help)
+    p.add_argument("--batch-size", type=int, default=None, help=batch_help)
+    if fresh_help:
+        p.add_argument("--fresh", action="store_true", help=fresh_help)
+    p.set_defaults(experiment_name=name)
+    return p
+
+
+def parse_experiment_args(parser, argv: Sequence[str], quick: Mapping[str, Any],
+                          defaults: Mapping[str, Any] = {}):  # noqa: B006 (read only)
+    """``(args, --config overrides)``. Arguments left unset take ``quick``'s values under
+    ``--quick`` (which also means digits and a fresh run), then ``defaults``'."""
+    args, overrides = split_overrides(parser, argv)
+    if args.quick:
+        args.dataset = args.dataset or "digits"
+        if hasattr(args, "fresh"):
+            args.fresh = True
+    for source in ((quick if args.quick else {}), defaults):
+        for key, value in source.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+    args.outdir = args.outdir or f"runs/experiments/{args.experiment_name}{'_quick' if args.quick else ''}"
+    return args, overrides
+
+
+def run_overrides(args, **fields: str) -> dict[str, Any]:
+    """Config overrides from the shared arguments that are set: ``num_train_steps`` (``--steps``),
+    ``batch_size``, ``data_dir``, plus ``fields`` (config field -> argument name)."""
+    names = {"num_train_steps": "steps", "batch_size": "batch_size", "data_dir": "data_dir", **fields}
+    return {key: getattr(args, arg) for key, arg in names.items() if getattr(args, arg, None) is not None}
+
+
 def command_line(script: str, argv: Sequence[str]) -> str:
     """The command that reproduces a result: ``python experiments/SCRIPT ARGS``."""
     import shlex
