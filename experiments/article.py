@@ -39,9 +39,7 @@ def main(argv=None):
 
     from flax_resnet import experiments as ex
 
-    dataset, note = ex.choose_dataset(args.dataset, data_dir=args.data_dir)
-    if note:
-        print(note)
+    dataset, note = ex.experiment_dataset(args)
     out = Path(args.outdir)
     overrides = {"dataset": dataset, **ex.run_overrides(args)}
     print(f"article: cifar10_article recipe on {dataset}; machine: {ex.machine()}")

@@ -43,9 +43,7 @@ def main(argv=None):
     from flax_resnet import experiments as ex
     from flax_resnet.configs import get_config, list_configs
 
-    dataset, note = ex.choose_dataset(args.dataset, data_dir=args.data_dir)
-    if note:
-        print(note)
+    dataset, note = ex.experiment_dataset(args)
     out = Path(args.outdir)
     print(f"cifar10: depths {args.depths} on {dataset}; machine: {ex.machine()}")
 

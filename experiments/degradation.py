@@ -44,9 +44,7 @@ def main(argv=None):
 
     from flax_resnet import experiments as ex
 
-    dataset, note = ex.choose_dataset(args.dataset, data_dir=args.data_dir)
-    if note:
-        print(note)
+    dataset, note = ex.experiment_dataset(args)
     recipe = ex.recipe_for(dataset)
     overrides = {"dataset": dataset, **ex.run_overrides(args, log_every_steps="log_every")}
     out = Path(args.outdir)

@@ -50,9 +50,7 @@ def main(argv=None):
 
     from flax_resnet import experiments as ex
 
-    dataset, note = ex.choose_dataset(args.dataset, data_dir=args.data_dir)
-    if note:
-        print(note)
+    dataset, note = ex.experiment_dataset(args)
     out = Path(args.outdir)
     print(f"gradient flow: {args.recipe} optimiser on {dataset}, depths {args.depths}, measured after "
           f"{args.k} steps, batch {args.batch_size}; machine: {ex.machine()}")

@@ -251,8 +251,8 @@ def _add_benchmark(sub):
     p.add_argument("--compare-torch", action="store_true", help="also time the PyTorch reference, interleaved")
     p.add_argument("--torch-compile", action="store_true", help="wrap the PyTorch model in torch.compile")
     p.add_argument("--conv-impl", choices=("auto", "xla"), default="auto",
-                   help="auto (the default: on CPU, 1x1 convs and BatchNorm sums as matmuls, XLA's own convolutions) "
-                        "or xla (plain nnx.Conv/BatchNorm, XLA defaults); same parameters")
+                   help="auto (the default: on CPU, 1x1 convs as matmuls, kernel gradients from a channel-major copy, "
+                        "XLA's own convolutions) or xla (plain nnx.Conv, XLA defaults); same parameters")
     p.add_argument("--compare-conv-impl", choices=("auto", "xla"), default=None,
                    help="also time our step with this other formulation, interleaved")
     p.add_argument("--peak-tflops", type=float, default=None,

@@ -225,6 +225,14 @@ def parse_experiment_args(parser, argv: Sequence[str], quick: Mapping[str, Any],
     return args, overrides
 
 
+def experiment_dataset(args) -> tuple[str, str | None]:
+    """:func:`choose_dataset` for a script's ``--dataset``/``--data-dir``; prints the fallback note."""
+    dataset, note = choose_dataset(args.dataset, data_dir=args.data_dir)
+    if note:
+        print(note)
+    return dataset, note
+
+
 def run_overrides(args, **fields: str) -> dict[str, Any]:
     """Config overrides from the shared arguments that are set: ``num_train_steps`` (``--steps``),
     ``batch_size``, ``data_dir``, plus ``fields`` (config field -> argument name)."""

@@ -176,45 +176,6 @@ def test_fast_path_gradient_is_the_same_on_8_devices_and_matches_float64():
     assert rel(one, ref) < 2e-4 and rel(eight, ref) < 2e-4  # measured ~3e-5 (the input-noise sensitivity is 6e-5)
 
 
-# --------------------------------------------------------------------------- BatchNorm as matmuls
-def test_batch_norm_as_matmuls_matches_nnx_batch_norm():
-    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 8)) * 3 + 1
-    outs = {}
-    for impl in ("auto", "xla"):
-        bn = blocks.Layers(nnx.Rngs(0), conv_impl=impl).norm(8)
-        bn.scale[...] = jnp.linspace(0.5, 2.0, 8)
-        bn.bias[...] = jnp.linspace(-1.0, 1.0, 8)
-
-        @nnx.jit
-        def step(bn, x):
-            (loss, y), grads = nnx.value_and_grad(lambda m, x: (_loss(m, x), m(x)), argnums=(0, 1), has_aux=True)(bn, x)
-            return y, grads
-
-        y, (g_bn, g_x) = step(bn, x)
-        outs[impl] = (y, g_bn.scale[...], g_bn.bias[...], g_x, bn.mean[...], bn.var[...])
-    assert outs["auto"][4].shape == (8,) and float(jnp.max(jnp.abs(outs["auto"][4]))) > 0.05  # stats moved
-    for got, want in zip(outs["auto"], outs["xla"]):
-        chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
-
-
-def test_batch_norm_as_matmuls_is_the_same_sharded():
-    # Per-image matmul sums, then an N-way sum: the 8-device result is the 1-device one.
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-    x = jax.random.normal(jax.random.key(0), (16, 64, 16)) * 2 + 0.5
-    scale, bias = jnp.linspace(0.5, 2, 16), jnp.linspace(-1, 1, 16)
-
-    def f(x, scale, bias):
-        y, mean, var = blocks.batch_norm_nhwc(x, scale, bias, 1e-5)
-        return jnp.sum(jnp.cos(y)), (mean, var)
-
-    grad = jax.grad(f, argnums=(0, 1, 2), has_aux=True)
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    sharded = jax.jit(grad, in_shardings=(NamedSharding(mesh, P("data")), None, None))
-    one = jax.jit(grad)(x, scale, bias)
-    chex.assert_trees_all_close(sharded(x, scale, bias), one, atol=2e-6, rtol=2e-6)
-
-
 def test_compilation_cache_setting(tmp_path, monkeypatch):
     from jax.experimental.compilation_cache import compilation_cache
 

@@ -43,16 +43,7 @@ class BatchNorm(nnx.BatchNorm):
     would drift away from PyTorch's statistics during fine-tuning; this class keeps them
     equal. Everything else (``scale``/``bias`` Params, ``mean``/``var`` BatchStats, the
     ``use_running_average`` view, eval mode) is NNX's own.
-
-    With ``impl="auto"`` (what :class:`Layers` builds by default; XLA:CPU, float32 NHWC) train mode runs
-    :func:`batch_norm_nhwc` instead: the per-channel sums as matmuls and a two-pass variance.
     """
-
-    def __init__(self, *args, impl: str = "xla", **kwargs):
-        if impl not in CONV_IMPLS:
-            raise ValueError(f"batch norm impl {impl!r}: choose one of {CONV_IMPLS}")
-        super().__init__(*args, **kwargs)
-        self.impl = impl
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
         use_ra = self.use_running_average if use_running_average is None else use_running_average
@@ -69,12 +60,6 @@ class BatchNorm(nnx.BatchNorm):
         bias = self.bias[...] if self.bias is not None else None
         x, _, _, scale, bias = self.promote_dtype(
             (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
-        if (self.impl == "auto" and jax.default_backend() == "cpu" and mask is None and self.axis_name is None
-                and x.ndim == 4 and feature_axes == (3,) and x.dtype == jnp.float32
-                and scale is not None and bias is not None):
-            y, mean, var = batch_norm_nhwc(x.reshape(x.shape[0], -1, x.shape[3]), scale, bias, self.epsilon)
-            self._update_running(mean, var, x.size // x.shape[3])
-            return y.reshape(x.shape)
         mean, var = _compute_stats(
             x, reduction_axes, dtype=self.dtype, axis_name=self.axis_name,
             use_fast_variance=self.use_fast_variance, mask=mask)
@@ -85,15 +70,11 @@ class BatchNorm(nnx.BatchNorm):
             n = jnp.sum(jnp.broadcast_to(mask, x.shape), axis=reduction_axes)
         if self.axis_name is not None:
             n = n * jax.lax.psum(1, self.axis_name)
-        self._update_running(mean, var, n)
-        return _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, self.dtype, self.epsilon)
-
-    def _update_running(self, mean: jax.Array, var: jax.Array, n) -> None:
-        """Folds the batch statistics into the running ones, the variance unbiased (``n`` values per channel)."""
         unbiased = var * (n / jnp.maximum(n - 1, 1))
         stop = jax.lax.stop_gradient if (self.mean._can_update or self.var._can_update) else (lambda v: v)
         self.mean[...] = stop(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
         self.var[...] = stop(self.momentum * self.var[...] + (1 - self.momentum) * unbiased)
+        return _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, self.dtype, self.epsilon)
 
 
 # ----------------------------------------------------------------------------- convolutions
@@ -196,60 +177,6 @@ def conv1x1(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
     return _matmul_1x1(x, kernel[0, 0])
 
 
-def _channel_sums(*xs: jax.Array) -> tuple[jax.Array, ...]:
-    """Per-channel sums of ``[N, P, C]`` arrays: each image's sum as a batched ones-vector matmul, then over N.
-
-    The matmul accumulates each image's ``P`` rows in one running sum per channel; summing
-    the ``N`` per-image results with an XLA reduction keeps the rounding close to a pairwise
-    sum, and makes a batch-sharded sum the same per-image sums plus an ``N``-way reduction
-    over devices (the 8-device step equals the 1-device one to ~1e-7).
-    """
-    ones = jnp.ones(xs[0].shape[:2], xs[0].dtype)
-    return tuple(jnp.sum(jax.lax.dot_general(ones, x, (((1,), (1,)), ((0,), (0,)))), axis=0) for x in xs)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_nhwc(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
-    """Train-mode BatchNorm of ``x`` (``[N, H*W, C]``): ``(y, batch mean, biased batch variance)``.
-
-    ``nnx.BatchNorm``'s normalisation with the variance computed in two passes, as PyTorch
-    does (``mean((x - mean)^2)``, not NNX's ``E[x^2] - E[x]^2``, which loses digits when
-    ``|mean| >> std``), and every reduction over N*H*W, forward and backward, computed by
-    :func:`_channel_sums` as matmuls: XLA:CPU emits column reductions of NHWC activations as
-    slow loops (a ResNet-50 batch-16 train step spent ~2.5 s of 5.4 s in them) where the
-    matmul library streams the rows at memory speed. The backward pass is BatchNorm's closed
-    form (two channel sums), not autodiff's.
-    """
-    return _batch_norm_nhwc_fwd(x, scale, bias, epsilon)[0]
-
-
-def _batch_norm_nhwc_fwd(x, scale, bias, epsilon):
-    count = x.shape[0] * x.shape[1]
-    (s1,) = _channel_sums(x)
-    mean = s1 / count
-    centred = x - mean
-    (s2,) = _channel_sums(centred * centred)
-    var = s2 / count
-    inv = jax.lax.rsqrt(var + epsilon)
-    y = (x - mean) * (inv * scale) + bias
-    return (y, mean, var), (x, mean, inv, scale)
-
-
-def _batch_norm_nhwc_bwd(epsilon, res, cotangents):
-    x, mean, inv, scale = res
-    dy, dmean, dvar = cotangents
-    count = x.shape[0] * x.shape[1]
-    xhat = (x - mean) * inv
-    dbias, dscale = _channel_sums(dy, dy * xhat)
-    dx = (inv * scale) * (dy - dbias / count - xhat * (dscale / count))
-    # The batch statistics are outputs too (the running averages use them, under stop_gradient).
-    dx = dx + dmean / count + (x - mean) * (2.0 * dvar / count)
-    return dx, dscale, dbias
-
-
-batch_norm_nhwc.defvjp(_batch_norm_nhwc_fwd, _batch_norm_nhwc_bwd)
-
-
 class Conv(nnx.Conv):
     """``nnx.Conv`` (same ``kernel``/``bias`` parameters, shapes and init) computed the fast way.
 
@@ -315,8 +242,8 @@ class Layers:
       bn_momentum: Flax convention (weight of the *old* running value): 0.9 equals PyTorch's 0.1.
       bn_epsilon: 1e-5, as PyTorch.
       conv_impl: "auto" (on XLA:CPU: 1x1 convs as matmuls, kernel gradients from a channel-major
-        copy, BatchNorm sums as matmuls; see :class:`Conv`, :class:`BatchNorm`) or "xla" (plain
-        ``nnx.Conv``/``nnx.BatchNorm`` arithmetic). Parameters are the same either way.
+        copy; see :class:`Conv`) or "xla" (plain ``nnx.Conv`` arithmetic). Parameters are the
+        same either way. BatchNorm is NNX's arithmetic in both (see :class:`BatchNorm`).
     """
 
     def __init__(self, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32,
@@ -343,7 +270,7 @@ class Layers:
         return BatchNorm(
             features, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
             scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
-            dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs, impl=self.conv_impl)
+            dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
 
     def projection(self, cin: int, cout: int, stride: int, *, norm: bool = True) -> nnx.List:
         """Option B shortcut: 1x1 conv (+ BN). An ``nnx.List`` so keys read ``downsample/0``, ``/1``."""

@@ -126,6 +126,10 @@ def predict_step(state: TrainState, images: jax.Array, *, graph: ModelGraph, com
 
 
 _YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+# YNNPACK for individual matmuls only. Adding its REDUCE/ELTWISE fusions would keep BatchNorm's
+# statistics fast, but made an 8-device ResNet-18 gradient differ from the 1-device one by 0.24
+# (BUILD_NOTES.md, "Performance"), so they stay off.
+CPU_COMPILER_OPTIONS = {_YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 def compiler_options(graph: ModelGraph) -> dict[str, str] | None:
@@ -139,7 +143,7 @@ def compiler_options(graph: ModelGraph) -> dict[str, str] | None:
     """
     if not graph.cpu_fast_path or jax.default_backend() != "cpu" or _YNN_FLAG in os.environ.get("XLA_FLAGS", ""):
         return None
-    return {_YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    return dict(CPU_COMPILER_OPTIONS)
 
 
 def jit_train_step(
