@@ -189,3 +189,14 @@ def test_unknown_script_flag_is_an_error(capsys):
     with pytest.raises(SystemExit) as e:
         load_script("degradation").main(["--quick", "--no-such-flag"])
     assert e.value.code == 2 and "--no-such-flag" in capsys.readouterr().err
+
+
+def test_cpu_probes_reduction_prints_one_timed_line_per_shape(capsys):
+    import re
+
+    assert load_script("cpu_probes").main(["reduction"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("E[x]")]
+    assert len(lines) == 3
+    for line in lines:
+        times = [float(t) for t in re.findall(r"([0-9.]+) ms", line)]
+        assert len(times) == 3 and all(t > 0 for t in times), line
