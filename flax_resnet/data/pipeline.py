@@ -290,14 +290,14 @@ class _ShardReader:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._opened = self._images = self._labels = None
-        self._lock = threading.Lock()  # Grain may call read() from several threads
+        self._lock = threading.RLock()  # Grain may call read() from several threads
 
     @property
     def opened(self) -> sources.OpenedDataset:
-        opened = self._opened
-        if opened is None:
-            opened = self._opened = sources.open_dataset(self.recipe.name, self.recipe.data_dir)
-        return opened
+        with self._lock:  # opened once, not by each of Grain's threads at the same time
+            if self._opened is None:
+                self._opened = sources.open_dataset(self.recipe.name, self.recipe.data_dir)
+            return self._opened
 
     def _load_all(self):
         o = self.opened

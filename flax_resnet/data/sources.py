@@ -29,6 +29,7 @@ import os
 import re
 import shlex
 import shutil
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -247,6 +248,15 @@ class OpenedDataset:
     image_feature_shape: tuple  # e.g. (32, 32, 3) or (None, None, 3)
     files_on_disk: bool  # False under tfds.testing.mock_data
     _sources: dict = dataclasses.field(default_factory=dict, repr=False)
+    # Grain's reader threads ask for a split's source at once; open it once. (Under
+    # mock_data two concurrent opens also race on TFDS's global patch of SplitDict.)
+    _sources_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def __getstate__(self) -> dict:  # Grain worker processes get a copy: a lock does not pickle
+        return {k: v for k, v in self.__dict__.items() if k != "_sources_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _sources_lock=threading.Lock())
 
     @property
     def num_classes(self) -> int:
@@ -264,12 +274,13 @@ class OpenedDataset:
         whatever TFDS returns (a decoded array).
         """
         key = (split, raw_images)
-        if key not in self._sources:
-            decoders = None
-            if raw_images and self.encoded_images and self.files_on_disk:
-                decoders = {self.image_key: tfds.decode.SkipDecoding()}
-            self._sources[key] = self.builder.as_data_source(split=split, decoders=decoders)
-        return self._sources[key]
+        with self._sources_lock:
+            if key not in self._sources:
+                decoders = None
+                if raw_images and self.encoded_images and self.files_on_disk:
+                    decoders = {self.image_key: tfds.decode.SkipDecoding()}
+                self._sources[key] = self.builder.as_data_source(split=split, decoders=decoders)
+            return self._sources[key]
 
     def read(self, split: str, indices: Sequence[int], *, raw_images: bool = False) -> list[dict]:
         """The examples at ``indices`` (one ``__getitems__`` call when reading files)."""
