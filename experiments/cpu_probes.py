@@ -1,14 +1,18 @@
 """The probes behind BUILD_NOTES.md "Performance": where XLA:CPU loses time, and how well conditioned a gradient is.
 
     python experiments/cpu_probes.py convs          # 3x3 conv GFLOP/s: YNNPACK vs XLA's own vs PyTorch
+    python experiments/cpu_probes.py winograd       # 3x3 convs by Winograd F(2x2,3x3) vs XLA's own (tried, dropped)
     python experiments/cpu_probes.py reduction      # BatchNorm statistics under three YNNPACK fusion lists
+    python experiments/cpu_probes.py fusions --model resnet50 --batch 16
+                                                    # our train/eval steps under three YNNPACK fusion lists (A/B)
     python experiments/cpu_probes.py profile --model resnet50 --batch 16 --conv-impl xla
                                                     # per-op thread time of one train step, by op kind
     python experiments/cpu_probes.py conditioning --model resnet18 --batch 8 --size 32
                                                     # gradient vs float64, and float64's sensitivity to 1e-6 noise
 
-Each prints one line per measurement. Timings are minima of repeats (convs, reduction) or
-thread time summed over the profiled steps (profile); run them on a quiet machine.
+Each prints one line per measurement. Timings are minima of repeats (convs, reduction), medians
+of interleaved repeats (fusions) or thread time summed over the profiled steps (profile); run
+them on a quiet machine.
 """
 
 from __future__ import annotations
@@ -59,6 +63,60 @@ def convs(args) -> None:
         print("; ".join(line), flush=True)
 
 
+WINOGRAD_SHAPES = ((16, 56, 64), (16, 28, 128), (16, 14, 256), (16, 7, 512), (128, 32, 16), (128, 16, 32),
+                   (128, 8, 64))  # N, H=W, C: ResNet-50's and ResNet-20's 3x3 stride-1 convolutions
+
+
+def winograd_3x3(x, kernel):
+    """A 3x3, stride-1, pad-1 convolution (NHWC, HWIO) by Winograd F(2x2, 3x3): 16 batched matmuls
+    on transformed 4x4 input tiles, 2.25x fewer multiplies than the direct convolution."""
+    import jax
+    import jax.numpy as jnp
+
+    def bt(d0, d1, d2, d3):  # B^T d along one axis
+        return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+    def g3(g0, g1, g2):  # G g along one axis
+        return g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2
+
+    n, h, w, c = x.shape
+    th, tw = -(-h // 2), -(-w // 2)
+    xp = jnp.pad(x, ((0, 0), (1, 1 + 2 * th - h), (1, 1 + 2 * tw - w), (0, 0)))
+    d = [[xp[:, i:i + 2 * th:2, j:j + 2 * tw:2, :] for j in range(4)] for i in range(4)]
+    rows = [bt(*(d[i][j] for i in range(4))) for j in range(4)]
+    v = jnp.stack([t for a in range(4) for t in bt(*(rows[j][a] for j in range(4)))]).reshape(16, -1, c)
+    gk = jnp.stack(g3(*kernel))  # [4, 3, ci, co]
+    u = jnp.stack(g3(gk[:, 0], gk[:, 1], gk[:, 2]), 1).reshape(16, c, -1)
+    m = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,)))).reshape(4, 4, n, th, tw, -1)
+    r = [(m[0, j] + m[1, j] + m[2, j], m[1, j] - m[2, j] - m[3, j]) for j in range(4)]  # A^T m
+    y = [[r[0][a] + r[1][a] + r[2][a], r[1][a] - r[2][a] - r[3][a]] for a in range(2)]
+    y = jnp.stack([jnp.stack(y[a], 3) for a in range(2)], 2)  # [n, th, 2, tw, 2, co]
+    return y.reshape(n, 2 * th, 2 * tw, -1)[:, :h, :w]
+
+
+def winograd(args) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flax_resnet.models.blocks import _conv
+    from flax_resnet.training import steps
+
+    for n, h, c in WINOGRAD_SHAPES:
+        x = jax.random.normal(jax.random.key(0), (n, h, h, c))
+        k = jax.random.normal(jax.random.key(1), (3, 3, c, c)) / np.sqrt(9 * c)
+        ref = np.asarray(jax.jit(lambda x, k: _conv(x, k, 1, 1))(x, k), np.float64)
+        err = np.max(np.abs(np.asarray(jax.jit(winograd_3x3)(x, k)) - ref)) / np.max(np.abs(ref))
+        flops = 2 * n * h * h * c * c * 9
+        line = [f"3x3 {c}->{c} @{h}x{h} b{n} (Winograd error {err:.0e}) direct-equivalent GFLOP/s fwd / fwd+bwd:"]
+        for name, fn in (("XLA own", lambda x, k: _conv(x, k, 1, 1)), ("Winograd", winograd_3x3)):
+            fwd = jax.jit(fn, compiler_options=steps.CPU_COMPILER_OPTIONS)
+            both = jax.jit(jax.grad(lambda x, k: jnp.sum(fn(x, k) ** 2), argnums=(0, 1)),
+                           compiler_options=steps.CPU_COMPILER_OPTIONS)
+            line.append(f"{name} {flops / _best_ms(fwd, x, k) / 1e6:.0f} / {3 * flops / _best_ms(both, x, k) / 1e6:.0f}")
+        print(" ".join(line), flush=True)
+
+
 def _torch_conv(n, h, cin, cout, flops) -> str:
     import torch
 
@@ -105,6 +163,42 @@ def reduction(args) -> None:
         print(" ".join(line), flush=True)
 
 
+FUSION_LISTS = ("INDIVIDUAL_DOT", "INDIVIDUAL_DOT,REDUCE", "INDIVIDUAL_DOT,REDUCE,ELTWISE")
+
+
+def fusions(args) -> None:
+    """Our real train and eval steps ("auto" model) under each YNNPACK fusion list, repeats interleaved."""
+    import statistics
+
+    from flax_resnet import benchmark
+    from flax_resnet.training import steps
+
+    size = _image_size(args)
+    runners, chosen = {}, steps.CPU_COMPILER_OPTIONS
+    try:
+        for kinds in args.lists:
+            steps.CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ",".join(
+                f"LIBRARY_FUSION_TYPE_{k}" for k in kinds.split(","))}
+            cfg = benchmark.BenchmarkConfig(model=args.model, batch=args.batch, conv_impl="auto", eval=True)
+            runners[kinds] = benchmark.build_ours(cfg, size, 10)  # compiled here, under this list
+    finally:
+        steps.CPU_COMPILER_OPTIONS = chosen
+    rates = {kinds: ([], []) for kinds in runners}
+    for r in runners.values():  # warm-up
+        r.train(1), r.eval(1)
+    for _ in range(args.repeats):
+        for kinds, r in runners.items():
+            rates[kinds][0].append(args.batch * args.steps / r.train(args.steps))
+            rates[kinds][1].append(args.batch * args.steps / r.eval(args.steps))
+    for kinds, (train, evaluation) in rates.items():
+        print(f"{args.model} batch {args.batch} YNNPACK fusions {kinds}: train {statistics.median(train):.1f} "
+              f"images/s, eval {statistics.median(evaluation):.1f} images/s", flush=True)
+
+
+def _image_size(args) -> int:
+    return args.size or (224 if args.model.startswith(("resnet18", "resnet34", "resnet50", "resnet101")) else 32)
+
+
 def profile(args) -> None:
     import glob
     import tempfile
@@ -114,7 +208,7 @@ def profile(args) -> None:
 
     from flax_resnet import benchmark
 
-    size = args.size or (224 if args.model.startswith(("resnet18", "resnet34", "resnet50", "resnet101")) else 32)
+    size = _image_size(args)
     cfg = benchmark.BenchmarkConfig(model=args.model, batch=args.batch, conv_impl=args.conv_impl, eval=False)
     runner = benchmark.build_ours(cfg, size, 10)
     runner.train(2)
@@ -168,16 +262,43 @@ def conditioning(args) -> None:
         default = jax.jit(grad)(params, stats, x)
         own_convs = jax.jit(grad, compiler_options=steps.CPU_COMPILER_OPTIONS)(params, stats, x)
         print(f"{args.model} b{args.batch} {args.size}x{args.size} conv_impl={impl}: float64 sensitivity to 1e-6 "
-              f"input noise {rel(noisy, ref):.1e}; float32 error vs float64: YNNPACK convs {rel(default, ref):.1e}, "
-              f"XLA's own convs {rel(own_convs, ref):.1e}", flush=True)
+              f"input noise {rel(noisy, ref):.1e}; float32 error vs float64: XLA's defaults {rel(default, ref):.1e}, "
+              f"our compiler options {rel(own_convs, ref):.1e}", flush=True)
+    kinks = relu_kinks(graph, p64, s64, x.astype(jnp.float64))  # the same parameters for both paths
+    print("ReLU inputs nearest zero in float64, per ReLU in forward order (HxW:channels min|input|): "
+          + " ".join(f"{h}x{w}:{c} {m:.0e}" for (h, w, c), m in kinks), flush=True)
+
+
+def relu_kinks(graph, params, stats, x) -> list[tuple[tuple[int, int, int], float]]:
+    """Each ReLU's input nearest zero in a train-mode forward (run eagerly, in the inputs' dtype).
+
+    A ReLU net's gradient jumps where a pre-activation crosses zero, so a pre-activation within
+    float32 rounding (~1e-6) of zero makes float32 gradients legitimately differ between
+    compiles; input noise (the sensitivity above) rarely lands on such a unit, this finds them.
+    """
+    from unittest import mock
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    found, relu = [], nnx.relu
+
+    def recording(v):
+        found.append(((v.shape[1], v.shape[2], v.shape[3]), float(jnp.min(jnp.abs(v)))))
+        return relu(v)
+
+    with mock.patch.object(nnx, "relu", recording):
+        graph.apply(params, stats, x, train=True)
+    return found
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="probe", required=True)
     sub.add_parser("convs", help="3x3 convolution GFLOP/s")
+    sub.add_parser("winograd", help="3x3 convolutions by Winograd F(2x2,3x3) vs XLA's own")
     sub.add_parser("reduction", help="BatchNorm statistics vs YNNPACK fusion lists")
-    for name in ("profile", "conditioning"):
+    for name in ("profile", "conditioning", "fusions"):
         q = sub.add_parser(name)
         q.add_argument("--model", default="resnet20")
         q.add_argument("--batch", type=int, default=8 if name == "conditioning" else 128)
@@ -185,8 +306,14 @@ def main(argv=None) -> int:
         if name == "profile":
             q.add_argument("--conv-impl", choices=("auto", "xla"), default="auto")
             q.add_argument("--steps", type=int, default=2)
+        if name == "fusions":
+            q.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
+            q.add_argument("--repeats", type=int, default=3)
+            q.add_argument("--lists", nargs="+", default=FUSION_LISTS,
+                           help="comma-separated LIBRARY_FUSION_TYPE_ suffixes, one list per variant")
     args = p.parse_args(argv)
-    {"convs": convs, "reduction": reduction, "profile": profile, "conditioning": conditioning}[args.probe](args)
+    {"convs": convs, "winograd": winograd, "reduction": reduction, "profile": profile, "conditioning": conditioning,
+     "fusions": fusions}[args.probe](args)
     return 0
 
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,3 +201,36 @@ def test_cpu_probes_reduction_prints_one_timed_line_per_shape(capsys):
     for line in lines:
         times = [float(t) for t in re.findall(r"([0-9.]+) ms", line)]
         assert len(times) == 3 and all(t > 0 for t in times), line
+
+
+def test_cpu_probes_fusions_times_each_list_and_restores_ours(capsys):
+    import re
+
+    from flax_resnet.training import steps
+
+    ours = dict(steps.CPU_COMPILER_OPTIONS)
+    argv = ["fusions", "--model", "resnet8", "--batch", "8", "--steps", "1", "--repeats", "1",
+            "--lists", "INDIVIDUAL_DOT", "INDIVIDUAL_DOT,REDUCE"]
+    assert load_script("cpu_probes").main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "YNNPACK fusions" in line]
+    assert [re.search(r"fusions (\S+):", line).group(1) for line in lines] == ["INDIVIDUAL_DOT", "INDIVIDUAL_DOT,REDUCE"]
+    for line in lines:
+        rates = [float(r) for r in re.findall(r"([0-9.]+) images/s", line)]
+        assert len(rates) == 2 and all(r > 0 for r in rates), line
+    assert steps.CPU_COMPILER_OPTIONS == ours
+
+
+@pytest.mark.parametrize("size", [6, 7])
+def test_cpu_probes_winograd_is_the_3x3_convolution(size):
+    import jax
+    import jax.numpy as jnp
+
+    from flax_resnet.models.blocks import _conv
+
+    rng = np.random.default_rng(size)
+    x = jnp.asarray(rng.normal(size=(2, size, size, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 8, 5)), jnp.float32)
+    got = np.asarray(load_script("cpu_probes").winograd_3x3(x, k))
+    want = np.asarray(_conv(x, k, 1, 1))
+    assert got.shape == want.shape == (2, size, size, 5)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())

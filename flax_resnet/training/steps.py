@@ -126,14 +126,14 @@ def predict_step(state: TrainState, images: jax.Array, *, graph: ModelGraph, com
 
 
 _YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
-# YNNPACK for individual matmuls only. Adding its REDUCE/ELTWISE fusions would keep BatchNorm's
-# statistics fast, but made an 8-device ResNet-18 gradient differ from the 1-device one by 0.24
-# (BUILD_NOTES.md, "Performance"), so they stay off.
-CPU_COMPILER_OPTIONS = {_YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# YNNPACK for individual matmuls and for reductions (without them BatchNorm's statistics are ~10x
+# slower), not for convolutions; its elementwise fusions cost ResNet-20 13% (BUILD_NOTES.md,
+# "Performance").
+CPU_COMPILER_OPTIONS = {_YNN_FLAG: ",".join(f"LIBRARY_FUSION_TYPE_{kind}" for kind in ("INDIVIDUAL_DOT", "REDUCE"))}
 
 
 def compiler_options(graph: ModelGraph) -> dict[str, str] | None:
-    """XLA options for a model's steps: with ``conv_impl="auto"`` on CPU, YNNPACK for matmuls only.
+    """XLA options for a model's steps: with ``conv_impl="auto"`` on CPU, YNNPACK for matmuls and reductions.
 
     This jaxlib hands convolutions to YNNPACK by default; XLA's own (Eigen) convolutions
     are up to 1.8x faster on the CPUs we measured (3x3, 32-64 channels; BUILD_NOTES.md,
