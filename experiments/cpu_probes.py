@@ -267,6 +267,59 @@ def conditioning(args) -> None:
     kinks = relu_kinks(graph, p64, s64, x.astype(jnp.float64))  # the same parameters for both paths
     print("ReLU inputs nearest zero in float64, per ReLU in forward order (HxW:channels min|input|): "
           + " ".join(f"{h}x{w}:{c} {m:.0e}" for (h, w, c), m in kinks), flush=True)
+    print(f"bfloat16 compute vs float32, gradient relative L2: {_bf16_gap(args.model, x)}", flush=True)
+
+
+def _bf16_gap(model: str, x) -> str:
+    """Relative L2 distance of the bfloat16-compute gradient from float32's, with ReLU and with GELU."""
+    from unittest import mock
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from flax_resnet.models import create_model
+    from flax_resnet.training.state import split_model
+
+    def flat(tree):
+        return np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(tree)])
+
+    out = []
+    for name, act in (("ReLU", nnx.relu), ("GELU", jax.nn.gelu)):
+        with mock.patch.object(nnx, "relu", act):
+            grads = []
+            for dtype in ("float32", "bfloat16"):
+                graph, params, stats = split_model(create_model(model, num_classes=10, conv_impl="xla", dtype=dtype))
+
+                def loss(params, graph=graph, stats=stats):
+                    y = graph.apply(params, stats, x, train=True)[0].astype("float32")
+                    return (y * jax.numpy.cos(y)).sum()
+
+                grads.append(flat(jax.jit(jax.grad(loss))(params)))
+        out.append(f"{name} {np.linalg.norm(grads[1] - grads[0]) / np.linalg.norm(grads[0]):.3f}")
+    try:
+        out.append(f"PyTorch autocast(bfloat16) on the same weights (ReLU) {_torch_bf16_gap(model, params, stats, x):.3f}")
+    except ImportError:
+        pass
+    return ", ".join(out)
+
+
+def _torch_bf16_gap(model: str, params, stats, x) -> float:
+    import numpy as np
+    import torch
+
+    from flax_resnet import torch_reference
+
+    grads = []
+    for autocast in (False, True):
+        net = torch_reference.create_torch_model(model, 10, 3)
+        torch_reference.load_flax_weights(net, params, stats)
+        net.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = net(torch.from_numpy(np.asarray(x, np.float32)).permute(0, 3, 1, 2).contiguous()).float()
+        (y * torch.cos(y)).sum().backward()
+        grads.append(torch.cat([p.grad.double().flatten() for p in net.parameters()]))
+    return float((grads[1] - grads[0]).norm() / grads[0].norm())
 
 
 def relu_kinks(graph, params, stats, x) -> list[tuple[tuple[int, int, int], float]]:
