@@ -1,6 +1,9 @@
 """The probes behind BUILD_NOTES.md "Performance": where XLA:CPU loses time, and how well conditioned a gradient is.
 
     python experiments/cpu_probes.py convs          # 3x3 conv GFLOP/s: YNNPACK vs XLA's own vs PyTorch
+    python experiments/cpu_probes.py weightgrads --model resnet20 --batch 128
+                                                    # our kernel-gradient formulations vs alternatives, in the real step (A/B)
+    python experiments/cpu_probes.py layers         # ResNet-50's kxk convolutions one by one: fwd, dx, dW, totals
     python experiments/cpu_probes.py winograd       # 3x3 convs by Winograd F(2x2,3x3) vs XLA's own (tried, dropped)
     python experiments/cpu_probes.py reduction      # BatchNorm statistics under three YNNPACK fusion lists
     python experiments/cpu_probes.py fusions --model resnet50 --batch 16
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import re
 import sys
 import time
@@ -61,6 +65,95 @@ def convs(args) -> None:
         except ImportError:
             pass
         print("; ".join(line), flush=True)
+
+
+def _weightgrad_variants():
+    """Kernel-gradient formulations to A/B in the real train step: name -> {blocks attribute: replacement}."""
+    import jax
+
+    from flax_resnet.models import blocks
+
+    def barrier_then_xla(x, g, kernel_shape, stride, pad):  # XLA's own dW, its input fenced off
+        xb = jax.lax.optimization_barrier(x)
+        return jax.vjp(lambda w: blocks._conv(xb, w, stride, pad), jax.numpy.zeros(kernel_shape, x.dtype))[1](g)[0]
+
+    def tn_dot_bwd(res, g):  # 1x1: dW = x2d^T g2d as one transposed-operand dot, no channel-major copy
+        x, k2 = res
+        dx = jax.lax.dot_general(g, k2, (((3,), (1,)), ((), ())))
+        dw = jax.lax.dot_general(x.reshape(-1, k2.shape[0]), g.reshape(-1, k2.shape[1]), (((0,), (0,)), ((), ())))
+        return dx, dw.astype(k2.dtype)
+
+    tn = jax.custom_vjp(blocks._matmul_1x1.fun)
+    tn.defvjp(blocks._matmul_1x1_fwd, tn_dot_bwd)
+    return {
+        "ours": {},
+        "kxk: XLA's autodiff": {"conv_kxk": lambda x, k, s, p: blocks._conv(x, k, s, p)},
+        "kxk: barrier + XLA's dW": {"conv_weight_grad": barrier_then_xla},
+        "1x1: transposed-operand dot": {"_matmul_1x1": tn},
+    }
+
+
+def weightgrads(args) -> None:
+    import statistics
+    from unittest import mock
+
+    from flax_resnet import benchmark
+    from flax_resnet.models import blocks
+
+    size = _image_size(args)
+    runners = {}
+    for name, patches in _weightgrad_variants().items():
+        with mock.patch.multiple(blocks, **patches) if patches else contextlib.nullcontext():
+            cfg = benchmark.BenchmarkConfig(model=args.model, batch=args.batch, conv_impl="auto", eval=False)
+            runners[name] = benchmark.build_ours(cfg, size, 10)  # traced and compiled here, with the patch
+        runners[name].train(1)
+    rates = {name: [] for name in runners}
+    for _ in range(args.repeats):
+        for name, r in runners.items():
+            rates[name].append(args.batch * args.steps / r.train(args.steps))
+    for name, r in rates.items():
+        print(f"{args.model} batch {args.batch} kernel gradients {name}: train {statistics.median(r):.1f} images/s "
+              f"(repeats {', '.join(f'{v:.1f}' for v in r)})", flush=True)
+
+
+# ResNet-50 (v1.5, batch 16, 224x224): N, H=W in, Cin, Cout, k, stride, how many in the network
+RESNET50_KXK = ((16, 224, 3, 64, 7, 2, 1), (16, 56, 64, 64, 3, 1, 3), (16, 56, 128, 128, 3, 2, 1),
+                (16, 28, 128, 128, 3, 1, 3), (16, 28, 256, 256, 3, 2, 1), (16, 14, 256, 256, 3, 1, 5),
+                (16, 14, 512, 512, 3, 2, 1), (16, 7, 512, 512, 3, 1, 2))
+
+
+def layers(args) -> None:
+    """Each kxk convolution shape of ResNet-50 under our compiler options: forward, input gradient,
+    kernel gradient (ours: conv_weight_grad; XLA's autodiff for comparison), ms per call and summed."""
+    import jax
+    import jax.numpy as jnp
+
+    from flax_resnet.models.blocks import _conv, conv_weight_grad
+    from flax_resnet.training import steps
+
+    opts = steps.CPU_COMPILER_OPTIONS
+    total = collections.Counter()
+    for n, h, cin, cout, k, stride, count in RESNET50_KXK:
+        pad = k // 2
+        x = jax.random.normal(jax.random.key(0), (n, h, h, cin))
+        w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) * 0.05
+        g = jax.random.normal(jax.random.key(2), (n, h // stride, h // stride, cout))
+        fns = {
+            "fwd": (jax.jit(lambda x, w: _conv(x, w, stride, pad), compiler_options=opts), (x, w)),
+            "dx": (jax.jit(lambda g, w: jax.vjp(lambda xx: _conv(xx, w, stride, pad), x)[1](g)[0],
+                           compiler_options=opts), (g, w)),
+            "dW ours": (jax.jit(lambda x, g: conv_weight_grad(x, g, w.shape, stride, pad), compiler_options=opts), (x, g)),
+            "dW XLA": (jax.jit(lambda x, g: jax.vjp(lambda ww: _conv(x, ww, stride, pad), w)[1](g)[0],
+                               compiler_options=opts), (x, g)),
+        }
+        if cin == 3:  # the stem: nothing needs the image's gradient
+            del fns["dx"]
+        times = {name: _best_ms(fn, *a, repeats=3) for name, (fn, a) in fns.items()}
+        total.update({name: t * count for name, t in times.items()})
+        gflop = 2 * n * (h // stride) ** 2 * cin * cout * k * k / 1e9
+        print(f"{k}x{k}/{stride} {cin}->{cout} @{h} (x{count}, {gflop:.1f} GFLOP each): "
+              + ", ".join(f"{name} {t:.0f} ms ({gflop / t * 1e3:.0f} GFLOP/s)" for name, t in times.items()), flush=True)
+    print("summed over the network, ms per step: " + ", ".join(f"{name} {t:.0f}" for name, t in total.items()))
 
 
 WINOGRAD_SHAPES = ((16, 56, 64), (16, 28, 128), (16, 14, 256), (16, 7, 512), (128, 32, 16), (128, 16, 32),
@@ -349,9 +442,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="probe", required=True)
     sub.add_parser("convs", help="3x3 convolution GFLOP/s")
+    sub.add_parser("layers", help="ResNet-50's kxk convolutions one by one")
     sub.add_parser("winograd", help="3x3 convolutions by Winograd F(2x2,3x3) vs XLA's own")
     sub.add_parser("reduction", help="BatchNorm statistics vs YNNPACK fusion lists")
-    for name in ("profile", "conditioning", "fusions"):
+    for name in ("profile", "conditioning", "fusions", "weightgrads"):
         q = sub.add_parser(name)
         q.add_argument("--model", default="resnet20")
         q.add_argument("--batch", type=int, default=8 if name == "conditioning" else 128)
@@ -359,14 +453,15 @@ def main(argv=None) -> int:
         if name == "profile":
             q.add_argument("--conv-impl", choices=("auto", "xla"), default="auto")
             q.add_argument("--steps", type=int, default=2)
-        if name == "fusions":
+        if name in ("fusions", "weightgrads"):
             q.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
             q.add_argument("--repeats", type=int, default=3)
+        if name == "fusions":
             q.add_argument("--lists", nargs="+", default=FUSION_LISTS,
                            help="comma-separated LIBRARY_FUSION_TYPE_ suffixes, one list per variant")
     args = p.parse_args(argv)
-    {"convs": convs, "winograd": winograd, "reduction": reduction, "profile": profile, "conditioning": conditioning,
-     "fusions": fusions}[args.probe](args)
+    {"convs": convs, "layers": layers, "winograd": winograd, "reduction": reduction, "profile": profile,
+     "conditioning": conditioning, "fusions": fusions, "weightgrads": weightgrads}[args.probe](args)
     return 0
 
 

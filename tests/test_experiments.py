@@ -234,3 +234,14 @@ def test_cpu_probes_winograd_is_the_3x3_convolution(size):
     want = np.asarray(_conv(x, k, 1, 1))
     assert got.shape == want.shape == (2, size, size, 5)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_cpu_probes_weightgrads_times_each_formulation(capsys):
+    import re
+
+    assert load_script("cpu_probes").main(["weightgrads", "--model", "resnet8", "--batch", "8", "--steps", "1",
+                                           "--repeats", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "kernel gradients" in line]
+    assert [re.search(r"kernel gradients (.+): train", line).group(1) for line in lines] == [
+        "ours", "kxk: XLA's autodiff", "kxk: barrier + XLA's dW", "1x1: transposed-operand dot"]
+    assert all(float(re.search(r"train ([0-9.]+) images/s", line).group(1)) > 0 for line in lines)
