@@ -13,9 +13,10 @@
     python experiments/cpu_probes.py conditioning --model resnet18 --batch 8 --size 32
                                                     # gradient vs float64, and float64's sensitivity to 1e-6 noise
 
-Each prints one line per measurement. Timings are minima of repeats (convs, reduction), medians
-of interleaved repeats (fusions) or thread time summed over the profiled steps (profile); run
-them on a quiet machine.
+Each prints one line per measurement. Timings are minima of repeats (convs, layers, winograd,
+reduction), medians of interleaved repeats of our real steps (fusions, weightgrads) or thread
+time summed over the profiled steps (profile); run them on a quiet machine. fusions,
+weightgrads and layers on ResNet-50 take several minutes each on 2 cores.
 """
 
 from __future__ import annotations
@@ -94,26 +95,18 @@ def _weightgrad_variants():
 
 
 def weightgrads(args) -> None:
-    import statistics
     from unittest import mock
 
     from flax_resnet import benchmark
     from flax_resnet.models import blocks
 
-    size = _image_size(args)
     runners = {}
     for name, patches in _weightgrad_variants().items():
         with mock.patch.multiple(blocks, **patches) if patches else contextlib.nullcontext():
             cfg = benchmark.BenchmarkConfig(model=args.model, batch=args.batch, conv_impl="auto", eval=False)
-            runners[name] = benchmark.build_ours(cfg, size, 10)  # traced and compiled here, with the patch
-        runners[name].train(1)
-    rates = {name: [] for name in runners}
-    for _ in range(args.repeats):
-        for name, r in runners.items():
-            rates[name].append(args.batch * args.steps / r.train(args.steps))
-    for name, r in rates.items():
-        print(f"{args.model} batch {args.batch} kernel gradients {name}: train {statistics.median(r):.1f} images/s "
-              f"(repeats {', '.join(f'{v:.1f}' for v in r)})", flush=True)
+            runners[name] = benchmark.build_ours(cfg, _image_size(args), 10)  # traced and compiled here, patched
+    for name, (train, _) in _interleaved(runners, args).items():
+        print(f"{args.model} batch {args.batch} kernel gradients {name}: train {train:.1f} images/s", flush=True)
 
 
 # ResNet-50 (v1.5, batch 16, 224x224): N, H=W in, Cin, Cout, k, stride, how many in the network
@@ -238,19 +231,19 @@ def _timed(fn) -> float:
 
 
 def reduction(args) -> None:
-    """BatchNorm's statistics under three YNNPACK fusion lists: what ours costs them."""
+    """BatchNorm's statistics under XLA's defaults and three YNNPACK fusion lists."""
     import jax
     import jax.numpy as jnp
 
     from flax_resnet.training import steps
 
-    with_reductions = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
-                       "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_ELTWISE"}
+    variants = (("defaults", None), ("matmuls only", steps.ynn_fusion_options("INDIVIDUAL_DOT")),
+                ("ours (matmuls+reductions)", steps.CPU_COMPILER_OPTIONS),
+                ("matmuls+reductions+elementwise", steps.ynn_fusion_options("INDIVIDUAL_DOT", "REDUCE", "ELTWISE")))
     for shape in ((16, 28, 28, 512), (16, 56, 56, 64), (128, 32, 32, 16)):
         x = jax.random.normal(jax.random.key(0), shape)
         line = [f"E[x], E[x^2] per channel of {shape}:"]
-        for name, opts in (("defaults", None), ("ours (YNNPACK dots only)", steps.CPU_COMPILER_OPTIONS),
-                           ("dots+reductions+elementwise", with_reductions)):
+        for name, opts in variants:
             stats = jax.jit(lambda x: (jnp.mean(x, (0, 1, 2)), jnp.mean(x * x, (0, 1, 2))), compiler_options=opts)
             line.append(f"{name} {_best_ms(stats, x):.2f} ms")
         print(" ".join(line), flush=True)
@@ -261,31 +254,41 @@ FUSION_LISTS = ("INDIVIDUAL_DOT", "INDIVIDUAL_DOT,REDUCE", "INDIVIDUAL_DOT,REDUC
 
 def fusions(args) -> None:
     """Our real train and eval steps ("auto" model) under each YNNPACK fusion list, repeats interleaved."""
-    import statistics
+    import os
 
     from flax_resnet import benchmark
     from flax_resnet.training import steps
 
-    size = _image_size(args)
+    if steps._YNN_FLAG in os.environ.get("XLA_FLAGS", ""):
+        raise SystemExit(f"XLA_FLAGS sets {steps._YNN_FLAG}, which overrides every list compared here: unset it")
     runners, chosen = {}, steps.CPU_COMPILER_OPTIONS
     try:
         for kinds in args.lists:
-            steps.CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ",".join(
-                f"LIBRARY_FUSION_TYPE_{k}" for k in kinds.split(","))}
+            steps.CPU_COMPILER_OPTIONS = steps.ynn_fusion_options(*kinds.split(","))
             cfg = benchmark.BenchmarkConfig(model=args.model, batch=args.batch, conv_impl="auto", eval=True)
-            runners[kinds] = benchmark.build_ours(cfg, size, 10)  # compiled here, under this list
+            runners[kinds] = benchmark.build_ours(cfg, _image_size(args), 10)  # compiled here, under this list
     finally:
         steps.CPU_COMPILER_OPTIONS = chosen
-    rates = {kinds: ([], []) for kinds in runners}
+    for kinds, (train, evaluation) in _interleaved(runners, args).items():
+        print(f"{args.model} batch {args.batch} YNNPACK fusions {kinds}: train {train:.1f} "
+              f"images/s, eval {evaluation:.1f} images/s", flush=True)
+
+
+def _interleaved(runners: dict, args) -> dict:
+    """Median train (and eval, where the runner has one) images/s per runner, repeats interleaved."""
+    import statistics
+
     for r in runners.values():  # warm-up
-        r.train(1), r.eval(1)
+        r.train(1)
+        if r.eval is not None:
+            r.eval(1)
+    rates = {name: ([], []) for name in runners}
     for _ in range(args.repeats):
-        for kinds, r in runners.items():
-            rates[kinds][0].append(args.batch * args.steps / r.train(args.steps))
-            rates[kinds][1].append(args.batch * args.steps / r.eval(args.steps))
-    for kinds, (train, evaluation) in rates.items():
-        print(f"{args.model} batch {args.batch} YNNPACK fusions {kinds}: train {statistics.median(train):.1f} "
-              f"images/s, eval {statistics.median(evaluation):.1f} images/s", flush=True)
+        for name, r in runners.items():
+            rates[name][0].append(args.batch * args.steps / r.train(args.steps))
+            if r.eval is not None:
+                rates[name][1].append(args.batch * args.steps / r.eval(args.steps))
+    return {name: (statistics.median(t), statistics.median(e) if e else None) for name, (t, e) in rates.items()}
 
 
 def _image_size(args) -> int:
@@ -374,26 +377,27 @@ def _bf16_gap(model: str, x) -> str:
     from flax_resnet.models import create_model
     from flax_resnet.training.state import split_model
 
-    def flat(tree):
-        return np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(tree)])
+    def grad(act, dtype):
+        graph, params, stats = split_model(create_model(model, num_classes=10, conv_impl="xla", dtype=dtype))
+
+        def loss(params):
+            y = graph.apply(params, stats, x, train=True)[0].astype("float32")
+            return (y * jax.numpy.cos(y)).sum()
+
+        with mock.patch.object(nnx, "relu", act):
+            g = jax.jit(jax.grad(loss))(params)
+        return np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(g)]), params, stats
 
     out = []
     for name, act in (("ReLU", nnx.relu), ("GELU", jax.nn.gelu)):
-        with mock.patch.object(nnx, "relu", act):
-            grads = []
-            for dtype in ("float32", "bfloat16"):
-                graph, params, stats = split_model(create_model(model, num_classes=10, conv_impl="xla", dtype=dtype))
-
-                def loss(params, graph=graph, stats=stats):
-                    y = graph.apply(params, stats, x, train=True)[0].astype("float32")
-                    return (y * jax.numpy.cos(y)).sum()
-
-                grads.append(flat(jax.jit(jax.grad(loss))(params)))
-        out.append(f"{name} {np.linalg.norm(grads[1] - grads[0]) / np.linalg.norm(grads[0]):.3f}")
-    try:
-        out.append(f"PyTorch autocast(bfloat16) on the same weights (ReLU) {_torch_bf16_gap(model, params, stats, x):.3f}")
-    except ImportError:
-        pass
+        (g32, params, stats), (g16, _, _) = grad(act, "float32"), grad(act, "bfloat16")
+        out.append(f"{name} {np.linalg.norm(g16 - g32) / np.linalg.norm(g32):.3f}")
+        if name == "ReLU":
+            try:  # the same float32 weights in PyTorch
+                out.append(f"PyTorch autocast(bfloat16) on the same weights (ReLU) "
+                           f"{_torch_bf16_gap(model, params, stats, x):.3f}")
+            except ImportError:
+                pass
     return ", ".join(out)
 
 
@@ -435,6 +439,8 @@ def relu_kinks(graph, params, stats, x) -> list[tuple[tuple[int, int, int], floa
 
     with mock.patch.object(nnx, "relu", recording):
         graph.apply(params, stats, x, train=True)
+    if not found:
+        raise RuntimeError("no ReLU went through flax.nnx.relu: the models no longer call it, update this probe")
     return found
 
 

@@ -200,7 +200,7 @@ def test_cpu_probes_reduction_prints_one_timed_line_per_shape(capsys):
     assert len(lines) == 3
     for line in lines:
         times = [float(t) for t in re.findall(r"([0-9.]+) ms", line)]
-        assert len(times) == 3 and all(t > 0 for t in times), line
+        assert len(times) == 4 and all(t > 0 for t in times), line
 
 
 def test_cpu_probes_fusions_times_each_list_and_restores_ours(capsys):

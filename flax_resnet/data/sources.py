@@ -234,6 +234,12 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
 
 # ----------------------------------------------------------------------------- opening
+# Grain's reader threads ask for a split's source at the same time: open each once. One lock
+# for all datasets, because under tfds.testing.mock_data `as_data_source` patches TFDS's
+# *global* SplitDict while it runs, so any two concurrent opens race.
+_SOURCE_LOCK = threading.Lock()
+
+
 @dataclasses.dataclass
 class OpenedDataset:
     """A prepared dataset: its TFDS builder plus what the pipeline needs to know."""
@@ -247,16 +253,7 @@ class OpenedDataset:
     class_names: tuple[str, ...]
     image_feature_shape: tuple  # e.g. (32, 32, 3) or (None, None, 3)
     files_on_disk: bool  # False under tfds.testing.mock_data
-    _sources: dict = dataclasses.field(default_factory=dict, repr=False)
-    # Grain's reader threads ask for a split's source at once; open it once. (Under
-    # mock_data two concurrent opens also race on TFDS's global patch of SplitDict.)
-    _sources_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
-
-    def __getstate__(self) -> dict:  # Grain worker processes get a copy: a lock does not pickle
-        return {k: v for k, v in self.__dict__.items() if k != "_sources_lock"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _sources_lock=threading.Lock())
+    _sources: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -274,7 +271,9 @@ class OpenedDataset:
         whatever TFDS returns (a decoded array).
         """
         key = (split, raw_images)
-        with self._sources_lock:
+        if key in self._sources:  # the common case, without the lock
+            return self._sources[key]
+        with _SOURCE_LOCK:
             if key not in self._sources:
                 decoders = None
                 if raw_images and self.encoded_images and self.files_on_disk:
