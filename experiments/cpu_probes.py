@@ -2,7 +2,7 @@
 
     python experiments/cpu_probes.py convs          # 3x3 conv GFLOP/s: YNNPACK vs XLA's own vs PyTorch
     python experiments/cpu_probes.py weightgrads --model resnet20 --batch 128
-                                                    # our kernel-gradient formulations vs alternatives, in the real step (A/B)
+                                                    # our gradient formulations vs alternatives, in the real step (A/B)
     python experiments/cpu_probes.py layers         # ResNet-50's kxk convolutions one by one: fwd, dx, dW, totals
     python experiments/cpu_probes.py winograd       # 3x3 convs by Winograd F(2x2,3x3) vs XLA's own (tried, dropped)
     python experiments/cpu_probes.py reduction      # BatchNorm statistics under three YNNPACK fusion lists
@@ -69,7 +69,7 @@ def convs(args) -> None:
 
 
 def _weightgrad_variants():
-    """Kernel-gradient formulations to A/B in the real train step: name -> {blocks attribute: replacement}."""
+    """Gradient formulations to A/B in the real train step: name -> {blocks attribute: replacement}."""
     import jax
 
     from flax_resnet.models import blocks
@@ -78,19 +78,22 @@ def _weightgrad_variants():
         xb = jax.lax.optimization_barrier(x)
         return jax.vjp(lambda w: blocks._conv(xb, w, stride, pad), jax.numpy.zeros(kernel_shape, x.dtype))[1](g)[0]
 
-    def tn_dot_bwd(res, g):  # 1x1: dW = x2d^T g2d as one transposed-operand dot, no channel-major copy
+    def channel_major_bwd(res, g):  # 1x1: the narrower operand made channel-major, then an NN dot
         x, k2 = res
         dx = jax.lax.dot_general(g, k2, (((3,), (1,)), ((), ())))
-        dw = jax.lax.dot_general(x.reshape(-1, k2.shape[0]), g.reshape(-1, k2.shape[1]), (((0,), (0,)), ((), ())))
+        x2d, g2d = x.reshape(-1, k2.shape[0]), g.reshape(-1, k2.shape[1])
+        dw = blocks.channel_major(x2d) @ g2d if k2.shape[0] <= k2.shape[1] else (blocks.channel_major(g2d) @ x2d).T
         return dx, dw.astype(k2.dtype)
 
-    tn = jax.custom_vjp(blocks._matmul_1x1.fun)
-    tn.defvjp(blocks._matmul_1x1_fwd, tn_dot_bwd)
+    channel_major_1x1 = jax.custom_vjp(blocks._matmul_1x1.fun)
+    channel_major_1x1.defvjp(blocks._matmul_1x1_fwd, channel_major_bwd)
     return {
         "ours": {},
         "kxk: XLA's autodiff": {"conv_kxk": lambda x, k, s, p: blocks._conv(x, k, s, p)},
         "kxk: barrier + XLA's dW": {"conv_weight_grad": barrier_then_xla},
-        "1x1: transposed-operand dot": {"_matmul_1x1": tn},
+        "1x1: channel-major copy + dot": {"_matmul_1x1": channel_major_1x1},
+        "3x3/2 dx: XLA's transposed conv": {
+            "conv_input_grad": lambda x, g, k, s, p: jax.vjp(lambda xx: blocks._conv(xx, k, s, p), x)[1](g)[0]},
     }
 
 
@@ -106,7 +109,7 @@ def weightgrads(args) -> None:
             cfg = benchmark.BenchmarkConfig(model=args.model, batch=args.batch, conv_impl="auto", eval=False)
             runners[name] = benchmark.build_ours(cfg, _image_size(args), 10)  # traced and compiled here, patched
     for name, (train, _) in _interleaved(runners, args).items():
-        print(f"{args.model} batch {args.batch} kernel gradients {name}: train {train:.1f} images/s", flush=True)
+        print(f"{args.model} batch {args.batch} gradients {name}: train {train:.2f} images/s", flush=True)
 
 
 # ResNet-50 (v1.5, batch 16, 224x224): N, H=W in, Cin, Cout, k, stride, how many in the network

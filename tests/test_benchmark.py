@@ -68,8 +68,8 @@ def _loss(module, x):
     (5, 6, 3, 1, 9),    # odd size, stride 1
     (5, 6, 3, 2, 8),    # stride 2, even size: g dilated by the stride
     (5, 6, 3, 2, 9),    # stride 2, odd size: the last input row/column is never read
-    (8, 12, 1, 1, 7),   # 1x1 as a matmul, x made channel-major
-    (12, 8, 1, 2, 8),   # strided 1x1, g made channel-major
+    (8, 12, 1, 1, 7),   # 1x1 as a matmul
+    (12, 8, 1, 2, 8),   # strided 1x1: subsampled, then a matmul
     (3, 8, 7, 2, 16),   # the ImageNet stem
 ])
 def test_fast_convolutions_match_lax(cin, cout, kernel, stride, size):
@@ -84,6 +84,19 @@ def test_fast_convolutions_match_lax(cin, cout, kernel, stride, size):
     scale = float(jnp.max(jnp.abs(g_plain[0].kernel[...])))
     chex.assert_trees_all_close(g_fast[0].kernel[...], g_plain[0].kernel[...], atol=2e-6 * scale, rtol=1e-5)
     chex.assert_trees_all_close(g_fast[1], g_plain[1], atol=1e-5, rtol=1e-5)
+
+
+def test_stride2_input_gradient_is_xlas():
+    # Sub-pixel input gradient of a 3x3/2 conv (non-square, so rows and columns cannot be swapped).
+    x = jax.random.normal(jax.random.key(0), (2, 8, 6, 5))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 5, 7))
+    g = jax.random.normal(jax.random.key(2), (2, 4, 3, 7))
+    want = jax.vjp(lambda xx: blocks._conv(xx, kernel, 2, 1), x)[1](g)[0]
+    got = jax.jit(blocks.conv_input_grad, static_argnums=(3, 4))(x, g, kernel, 2, 1)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+    odd = jax.random.normal(jax.random.key(3), (2, 7, 6, 5))  # odd rows: XLA's own path
+    chex.assert_trees_all_close(blocks.conv_input_grad(odd, g, kernel, 2, 1),
+                                jax.vjp(lambda xx: blocks._conv(xx, kernel, 2, 1), odd)[1](g)[0], atol=1e-6)
 
 
 def test_channel_major_is_an_exact_transpose():

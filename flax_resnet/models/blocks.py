@@ -86,13 +86,15 @@ class BatchNorm(nnx.BatchNorm):
 #    producer chain into the transpose, recomputed per element with a cache-hostile stride.
 #    In ResNet-20 the residual chain of every earlier block of the stage was recomputed in
 #    each transpose (cost quadratic in depth): half of the train step.
-# Here the kernel gradients read a *channel-major* copy of the layer input made by a matmul
-# with the identity (an "NT" dot that XLA's matmul library reads in place, from the
+# Here the kxk kernel gradients read a *channel-major* copy of the layer input made by a
+# matmul with the identity (an "NT" dot that XLA's matmul library reads in place, from the
 # materialised input; exact for finite values: each output is one product by 1.0 plus exact
 # zeros). A kxk kernel gradient is then the very convolution XLA would have built (N as the
 # contracted feature dimension: the same values, bit for bit, and the same all-reduce of a
-# batch-sharded contraction under GSPMD), fed from that copy; a 1x1 kernel gradient is a
-# plain matmul. tests/test_benchmark.py checks outputs and gradients against nnx.Conv.
+# batch-sharded contraction under GSPMD), fed from that copy; a 1x1 kernel gradient is one
+# transposed-operand matmul. The input gradient of a 3x3 stride-2 convolution is computed per
+# output parity (sub-pixel) instead of as XLA's dilated transposed convolution.
+# tests/test_benchmark.py checks outputs and gradients against nnx.Conv.
 CONV_IMPLS = ("auto", "xla")
 
 
@@ -136,10 +138,43 @@ def _conv_kxk_fwd(x, kernel, stride, pad):
     return _conv(x, kernel, stride, pad), (x, kernel)
 
 
+def conv_input_grad(x: jax.Array, g: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    """The input gradient of ``_conv(x, kernel, stride, pad)``: XLA's own, except for 3x3 stride-2
+    convolutions of even-sized inputs, which go through :func:`_stride2_input_grad`."""
+    if stride == 2 and pad == 1 and kernel.shape[:2] == (3, 3) and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+        return _stride2_input_grad(g, kernel)
+    return jax.vjp(lambda xx: _conv(xx, kernel, stride, pad), x)[1](g)[0]
+
+
+# For each parity of an input row (or column) of a 3x3, stride-2, pad-1 convolution: which kernel
+# row (column) meets g[a] and, for odd ones, g[a + 1]. dx[2a] = g[a] k[1]; dx[2a+1] = g[a] k[2] + g[a+1] k[0].
+_STRIDE2_TAPS = ((1,), (2, 0))
+
+
+def _stride2_input_grad(g: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Sub-pixel input gradient of a 3x3/2 convolution: one small stride-1 convolution of ``g`` per
+    output parity (1x1, 1x2, 2x1, 2x2 taps: the FLOPs of the forward pass, none on inserted zeros),
+    interleaved. XLA's transposed convolution dilates ``g`` instead and runs 3x slower at
+    128 channels @56x56 (BUILD_NOTES.md, "Performance")."""
+    n, ho, wo, _ = g.shape
+    rows = []
+    for taps_h in _STRIDE2_TAPS:
+        cols = []
+        for taps_w in _STRIDE2_TAPS:
+            sub = jnp.stack([jnp.stack([kernel[i, j] for j in taps_w]) for i in taps_h]).swapaxes(2, 3)  # I = co
+            if sub.shape[:2] == (1, 1):
+                cols.append(jax.lax.dot_general(g, sub[0, 0], (((3,), (0,)), ((), ()))))
+            else:
+                cols.append(jax.lax.conv_general_dilated(g, sub, (1, 1), ((0, len(taps_h) - 1), (0, len(taps_w) - 1)),
+                                                         dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        rows.append(jnp.stack(cols, 3))
+    return jnp.stack(rows, 2).reshape(n, 2 * ho, 2 * wo, kernel.shape[2])
+
+
 def _conv_kxk_bwd(stride, pad, res, g):
     x, kernel = res
-    _, vjp_x = jax.vjp(lambda xx: _conv(xx, kernel, stride, pad), x)
-    return vjp_x(g)[0], conv_weight_grad(x, g, kernel.shape, stride, pad).astype(kernel.dtype)
+    dx = conv_input_grad(x, g, kernel, stride, pad)
+    return dx, conv_weight_grad(x, g, kernel.shape, stride, pad).astype(kernel.dtype)
 
 
 conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
@@ -158,12 +193,10 @@ def _matmul_1x1_bwd(res, g):
     x, kernel2d = res
     cin, cout = kernel2d.shape
     dx = jax.lax.dot_general(g, kernel2d, (((3,), (1,)), ((), ())))
-    x2d, g2d = x.reshape(-1, cin), g.reshape(-1, cout)
-    # dW = x2d.T @ g2d: the operand with fewer channels is made channel-major (the cheaper copy).
-    if cin <= cout:
-        dw = channel_major(x2d) @ g2d
-    else:
-        dw = (channel_major(g2d) @ x2d).T
+    # dW = x2d.T @ g2d as one transposed-operand dot. (Making the narrower operand channel-major
+    # first, as the kxk kernel gradients do, measured the same or up to 4% slower in ResNet-50:
+    # `cpu_probes.py weightgrads`.)
+    dw = jax.lax.dot_general(x.reshape(-1, cin), g.reshape(-1, cout), (((0,), (0,)), ((), ())))
     return dx, dw.astype(kernel2d.dtype)
 
 
@@ -182,7 +215,7 @@ class Conv(nnx.Conv):
 
     With ``impl="auto"`` on the CPU backend: 1x1 convolutions run as :func:`conv1x1` (a
     matmul); kxk ones as ``lax.conv_general_dilated`` with the kernel gradient of
-    :func:`conv_weight_grad`. On GPUs/TPUs (whose convolution libraries have no such
+    :func:`conv_weight_grad` and the input gradient of :func:`conv_input_grad`. On GPUs/TPUs (whose convolution libraries have no such
     weakness), grouped convolutions, and with ``impl="xla"``, it is ``nnx.Conv`` unchanged.
     Only NHWC inputs with symmetric integer padding are specialised (what
     :meth:`Layers.conv` builds).
@@ -241,8 +274,8 @@ class Layers:
       param_dtype: storage dtype of parameters and BatchNorm statistics.
       bn_momentum: Flax convention (weight of the *old* running value): 0.9 equals PyTorch's 0.1.
       bn_epsilon: 1e-5, as PyTorch.
-      conv_impl: "auto" (on XLA:CPU: 1x1 convs as matmuls, kernel gradients from a channel-major
-        copy; see :class:`Conv`) or "xla" (plain ``nnx.Conv`` arithmetic). Parameters are the
+      conv_impl: "auto" (on XLA:CPU: 1x1 convs as matmuls, kxk kernel gradients from a
+        channel-major copy, sub-pixel stride-2 input gradients; see :class:`Conv`) or "xla" (plain ``nnx.Conv`` arithmetic). Parameters are the
         same either way. BatchNorm is NNX's arithmetic in both (see :class:`BatchNorm`).
     """
 
