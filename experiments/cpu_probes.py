@@ -119,12 +119,12 @@ RESNET50_KXK = ((16, 224, 3, 64, 7, 2, 1), (16, 56, 64, 64, 3, 1, 3), (16, 56, 1
 
 
 def layers(args) -> None:
-    """Each kxk convolution shape of ResNet-50 under our compiler options: forward, input gradient,
-    kernel gradient (ours: conv_weight_grad; XLA's autodiff for comparison), ms per call and summed."""
+    """Each kxk convolution shape of ResNet-50 under our compiler options: forward, input and kernel
+    gradients (ours: conv_input_grad, conv_weight_grad; XLA's autodiff beside), ms per call and summed."""
     import jax
     import jax.numpy as jnp
 
-    from flax_resnet.models.blocks import _conv, conv_weight_grad
+    from flax_resnet.models.blocks import _conv, conv_input_grad, conv_weight_grad
     from flax_resnet.training import steps
 
     opts = steps.CPU_COMPILER_OPTIONS
@@ -136,14 +136,15 @@ def layers(args) -> None:
         g = jax.random.normal(jax.random.key(2), (n, h // stride, h // stride, cout))
         fns = {
             "fwd": (jax.jit(lambda x, w: _conv(x, w, stride, pad), compiler_options=opts), (x, w)),
-            "dx": (jax.jit(lambda g, w: jax.vjp(lambda xx: _conv(xx, w, stride, pad), x)[1](g)[0],
-                           compiler_options=opts), (g, w)),
+            "dx ours": (jax.jit(lambda g, w: conv_input_grad(x, g, w, stride, pad), compiler_options=opts), (g, w)),
+            "dx XLA": (jax.jit(lambda g, w: jax.vjp(lambda xx: _conv(xx, w, stride, pad), x)[1](g)[0],
+                               compiler_options=opts), (g, w)),
             "dW ours": (jax.jit(lambda x, g: conv_weight_grad(x, g, w.shape, stride, pad), compiler_options=opts), (x, g)),
             "dW XLA": (jax.jit(lambda x, g: jax.vjp(lambda ww: _conv(x, ww, stride, pad), w)[1](g)[0],
                                compiler_options=opts), (x, g)),
         }
         if cin == 3:  # the stem: nothing needs the image's gradient
-            del fns["dx"]
+            del fns["dx ours"], fns["dx XLA"]
         times = {name: _best_ms(fn, *a, repeats=3) for name, (fn, a) in fns.items()}
         total.update({name: t * count for name, t in times.items()})
         gflop = 2 * n * (h // stride) ** 2 * cin * cout * k * k / 1e9
