@@ -126,14 +126,16 @@ def predict_step(state: TrainState, images: jax.Array, *, graph: ModelGraph, com
 
 
 _YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
-# YNNPACK for individual matmuls and for reductions (without them BatchNorm's statistics are ~10x
-# slower), not for convolutions; its elementwise fusions cost ResNet-20 13% (BUILD_NOTES.md,
-# "Performance").
+
+
 def ynn_fusion_options(*kinds: str) -> dict[str, str]:
     """Compiler options that hand XLA:CPU's YNNPACK exactly these fusion kinds (e.g. "REDUCE")."""
     return {_YNN_FLAG: ",".join(f"LIBRARY_FUSION_TYPE_{kind}" for kind in kinds)}
 
 
+# YNNPACK for individual matmuls and for reductions (without them BatchNorm's statistics are ~10x
+# slower), not for convolutions; its elementwise fusions cost ResNet-20 13% (BUILD_NOTES.md,
+# "Performance").
 CPU_COMPILER_OPTIONS = ynn_fusion_options("INDIVIDUAL_DOT", "REDUCE")
 
 
