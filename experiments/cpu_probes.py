@@ -3,18 +3,21 @@
     python experiments/cpu_probes.py convs          # 3x3 conv GFLOP/s: YNNPACK vs XLA's own vs PyTorch
     python experiments/cpu_probes.py weightgrads --model resnet20 --batch 128
                                                     # our gradient formulations vs alternatives, in the real step (A/B)
+    python experiments/cpu_probes.py batchnorm --model resnet20 --batch 128
+                                                    # BatchNorm: ours vs a custom VJP vs no statistics (bound), A/B
     python experiments/cpu_probes.py layers         # ResNet-50's kxk convolutions one by one: fwd, dx, dW, totals
     python experiments/cpu_probes.py winograd       # 3x3 convs by Winograd F(2x2,3x3) vs XLA's own (tried, dropped)
     python experiments/cpu_probes.py reduction      # BatchNorm statistics under three YNNPACK fusion lists
     python experiments/cpu_probes.py fusions --model resnet50 --batch 16
-                                                    # our train/eval steps under three YNNPACK fusion lists (A/B)
+                                                    # our train/eval steps under YNNPACK fusion lists (A/B);
+                                                    # --options NAME=VALUE: our list plus other XLA options
     python experiments/cpu_probes.py profile --model resnet50 --batch 16 --conv-impl xla
                                                     # per-op thread time of one train step, by op kind
     python experiments/cpu_probes.py conditioning --model resnet18 --batch 8 --size 32
                                                     # gradient vs float64, and float64's sensitivity to 1e-6 noise
 
 Each prints one line per measurement. Timings are minima of repeats (convs, layers, winograd,
-reduction), medians of interleaved repeats of our real steps (fusions, weightgrads) or thread
+reduction), medians of interleaved repeats of our real steps (fusions, weightgrads, batchnorm) or thread
 time summed over the profiled steps (profile); run them on a quiet machine. fusions,
 weightgrads and layers on ResNet-50 take several minutes each on 2 cores.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import re
 import sys
 import time
@@ -97,19 +101,98 @@ def _weightgrad_variants():
     }
 
 
-def weightgrads(args) -> None:
-    from unittest import mock
+def batch_norm_vjp(x, scale, bias, epsilon: float):
+    """Train-mode BatchNorm over all but the last axis with a hand-written backward pass (tried,
+    dropped): the forward is NNX's arithmetic (E[x], E[x^2] in float32); the backward is two
+    reductions (sum g, sum g (x - mean)) and one elementwise pass. Returns ``(y, mean, var)``."""
+    import jax
+    import jax.numpy as jnp
 
-    from flax_resnet import benchmark
+    axes = tuple(range(x.ndim - 1))
+
+    def forward(x, scale, bias):
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        mean = xf.mean(axes)
+        var = jnp.maximum(0.0, jnp.square(xf).mean(axes) - jnp.square(mean))
+        y = (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+        return (y.astype(jnp.result_type(x, scale, bias)), mean, var), (x, mean, var, scale)
+
+    def backward(res, cts):
+        x, mean, var, scale = res
+        g, g_mean, g_var = cts  # the statistics' cotangents: zero where they only feed running averages
+        n = x.size // x.shape[-1]
+        gf, xc, inv = g.astype(mean.dtype), x.astype(mean.dtype) - mean, jax.lax.rsqrt(var + epsilon)
+        sum_g, sum_gx = gf.sum(axes), (gf * xc).sum(axes)
+        mul = inv * scale
+        dx = gf * mul + (g_mean - mul * sum_g) / n + xc * ((2 * g_var - mul * inv * inv * sum_gx) / n)
+        return dx.astype(x.dtype), (sum_gx * inv).astype(scale.dtype), sum_g.astype(scale.dtype)
+
+    fn = jax.custom_vjp(lambda x, scale, bias: forward(x, scale, bias)[0])
+    fn.defvjp(forward, backward)
+    return fn(x, scale, bias)
+
+
+def _batchnorm_variants():
+    """BatchNorm formulations to A/B in the real train step: name -> replacement ``BatchNorm.__call__``."""
+    import jax
+
     from flax_resnet.models import blocks
 
+    ours = blocks.BatchNorm.__call__
+
+    def train_mode(self, use_running_average, mask):
+        use_ra = self.use_running_average if use_running_average is None else use_running_average
+        return not use_ra and mask is None and self.axis_name is None
+
+    def custom_vjp(self, x, use_running_average=None, *, mask=None):
+        if not train_mode(self, use_running_average, mask):
+            return ours(self, x, use_running_average, mask=mask)
+        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+        y, mean, var = batch_norm_vjp(x, scale, bias, self.epsilon)
+        n = x.size // x.shape[-1]
+        self.mean[...] = jax.lax.stop_gradient(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
+        self.var[...] = jax.lax.stop_gradient(self.momentum * self.var[...] + (1 - self.momentum) * var * n / (n - 1))
+        return y
+
+    def affine(self, x, use_running_average=None, *, mask=None):  # no statistics at all: a bound, not a model
+        if not train_mode(self, use_running_average, mask):
+            return ours(self, x, use_running_average, mask=mask)
+        return x * self.scale[...] + self.bias[...]
+
+    return {"ours (NNX's, autodiff)": ours, "custom VJP": custom_vjp, "affine only (no statistics; bound)": affine}
+
+
+def batchnorm(args) -> None:
+    """Our real train step with each BatchNorm formulation, repeats interleaved."""
+    from unittest import mock
+
+    from flax_resnet.models import blocks
+
+    _patched_steps(args, {name: functools.partial(mock.patch.object, blocks.BatchNorm, "__call__", call)
+                          for name, call in _batchnorm_variants().items()}, "BatchNorm")
+
+
+def _patched_steps(args, patches: dict, what: str) -> None:
+    """Our real train step traced and compiled under each patch (name -> context-manager factory),
+    its repeats interleaved; one line per variant."""
+    from flax_resnet import benchmark
+
     runners = {}
-    for name, patches in _weightgrad_variants().items():
-        with mock.patch.multiple(blocks, **patches) if patches else contextlib.nullcontext():
+    for name, patch in patches.items():
+        with patch():
             cfg = benchmark.BenchmarkConfig(model=args.model, batch=args.batch, conv_impl="auto", eval=False)
             runners[name] = benchmark.build_ours(cfg, _image_size(args), 10)  # traced and compiled here, patched
     for name, (train, _) in _interleaved(runners, args).items():
-        print(f"{args.model} batch {args.batch} gradients {name}: train {train:.2f} images/s", flush=True)
+        print(f"{args.model} batch {args.batch} {what} {name}: train {train:.2f} images/s", flush=True)
+
+
+def weightgrads(args) -> None:
+    from unittest import mock
+
+    from flax_resnet.models import blocks
+
+    _patched_steps(args, {name: functools.partial(mock.patch.multiple, blocks, **patches) if patches
+                          else contextlib.nullcontext for name, patches in _weightgrad_variants().items()}, "gradients")
 
 
 # ResNet-50 (v1.5, batch 16, 224x224): N, H=W in, Cin, Cout, k, stride, how many in the network
@@ -256,8 +339,13 @@ def reduction(args) -> None:
 FUSION_LISTS = ("INDIVIDUAL_DOT", "INDIVIDUAL_DOT,REDUCE", "INDIVIDUAL_DOT,REDUCE,ELTWISE")
 
 
+def _option_value(text: str):
+    return {"true": True, "false": False}.get(text, int(text) if text.isdigit() else text)
+
+
 def fusions(args) -> None:
-    """Our real train and eval steps ("auto" model) under each YNNPACK fusion list, repeats interleaved."""
+    """Our real train and eval steps ("auto" model) under each YNNPACK fusion list, and under our list
+    plus other XLA:CPU options (``--options name=value[+name=value]``), repeats interleaved."""
     import os
 
     from flax_resnet import benchmark
@@ -265,16 +353,20 @@ def fusions(args) -> None:
 
     if steps._YNN_FLAG in os.environ.get("XLA_FLAGS", ""):
         raise SystemExit(f"XLA_FLAGS sets {steps._YNN_FLAG}, which overrides every list compared here: unset it")
+    variants = {kinds: steps.ynn_fusion_options(*kinds.split(",")) for kinds in args.lists}
+    for spec in args.options:
+        extra = dict(kv.split("=", 1) for kv in spec.split("+"))
+        variants[f"ours+{spec}"] = {**steps.CPU_COMPILER_OPTIONS, **{k: _option_value(v) for k, v in extra.items()}}
     runners, chosen = {}, steps.CPU_COMPILER_OPTIONS
     try:
-        for kinds in args.lists:
-            steps.CPU_COMPILER_OPTIONS = steps.ynn_fusion_options(*kinds.split(","))
+        for name, options in variants.items():
+            steps.CPU_COMPILER_OPTIONS = options
             cfg = benchmark.BenchmarkConfig(model=args.model, batch=args.batch, conv_impl="auto", eval=True)
-            runners[kinds] = benchmark.build_ours(cfg, _image_size(args), 10)  # compiled here, under this list
+            runners[name] = benchmark.build_ours(cfg, _image_size(args), 10)  # compiled here, under these options
     finally:
         steps.CPU_COMPILER_OPTIONS = chosen
-    for kinds, (train, evaluation) in _interleaved(runners, args).items():
-        print(f"{args.model} batch {args.batch} YNNPACK fusions {kinds}: train {train:.1f} "
+    for name, (train, evaluation) in _interleaved(runners, args).items():
+        print(f"{args.model} batch {args.batch} YNNPACK fusions {name}: train {train:.1f} "
               f"images/s, eval {evaluation:.1f} images/s", flush=True)
 
 
@@ -449,13 +541,16 @@ def relu_kinks(graph, params, stats, x) -> list[tuple[tuple[int, int, int], floa
 
 
 def main(argv=None) -> int:
+    from flax_resnet import parallel
+
+    parallel.tune_host_allocator()  # as training and `flax-resnet` run (FLAX_RESNET_NO_MALLOC_TUNING=1: glibc's defaults)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="probe", required=True)
     sub.add_parser("convs", help="3x3 convolution GFLOP/s")
     sub.add_parser("layers", help="ResNet-50's kxk convolutions one by one")
     sub.add_parser("winograd", help="3x3 convolutions by Winograd F(2x2,3x3) vs XLA's own")
     sub.add_parser("reduction", help="BatchNorm statistics vs YNNPACK fusion lists")
-    for name in ("profile", "conditioning", "fusions", "weightgrads"):
+    for name in ("profile", "conditioning", "fusions", "weightgrads", "batchnorm"):
         q = sub.add_parser(name)
         q.add_argument("--model", default="resnet20")
         q.add_argument("--batch", type=int, default=8 if name == "conditioning" else 128)
@@ -463,15 +558,18 @@ def main(argv=None) -> int:
         if name == "profile":
             q.add_argument("--conv-impl", choices=("auto", "xla"), default="auto")
             q.add_argument("--steps", type=int, default=2)
-        if name in ("fusions", "weightgrads"):
+        if name in ("fusions", "weightgrads", "batchnorm"):
             q.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
             q.add_argument("--repeats", type=int, default=3)
         if name == "fusions":
-            q.add_argument("--lists", nargs="+", default=FUSION_LISTS,
+            q.add_argument("--lists", nargs="*", default=FUSION_LISTS,
                            help="comma-separated LIBRARY_FUSION_TYPE_ suffixes, one list per variant")
+            q.add_argument("--options", nargs="*", default=(), metavar="NAME=VALUE[+NAME=VALUE]",
+                           help="more variants: our fusion list plus these XLA:CPU compiler options")
     args = p.parse_args(argv)
     {"convs": convs, "layers": layers, "winograd": winograd, "reduction": reduction, "profile": profile,
-     "conditioning": conditioning, "fusions": fusions, "weightgrads": weightgrads}[args.probe](args)
+     "conditioning": conditioning, "fusions": fusions, "weightgrads": weightgrads,
+     "batchnorm": batchnorm}[args.probe](args)
     return 0
 
 
