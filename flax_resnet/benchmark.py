@@ -314,13 +314,16 @@ def interleaved(runners: list[_Runner], kind: str, steps: int, repeats: int,
 
 
 def _environment() -> dict[str, Any]:
+    from flax_resnet import parallel
+
     try:
         load = os.getloadavg()
     except OSError:
         load = None
     return {"python": platform.python_version(), "jax": jax.__version__, "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "load_average": load, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "compilation_cache_dir": jax.config.jax_compilation_cache_dir}
+            "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
+            "host_allocator_tuned": parallel.host_allocator_tuned()}
 
 
 def _peak_device_bytes() -> int | None:

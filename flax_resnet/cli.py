@@ -314,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    from flax_resnet import parallel
+
+    parallel.tune_host_allocator()  # first, before JAX starts its CPU threads (see its docstring)
     try:
         status = args.func(args)
     except UserError as e:

@@ -4,6 +4,9 @@ BatchNorm formulations against the plain ones, and the PyTorch reference against
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import benchmark, cli
+from flax_resnet import benchmark, cli, parallel
 from flax_resnet.models import blocks
 
 
@@ -214,8 +217,6 @@ def test_fast_path_gradient_is_the_same_on_8_devices_and_matches_float64():
 def test_compilation_cache_setting(tmp_path, monkeypatch):
     from jax.experimental.compilation_cache import compilation_cache
 
-    from flax_resnet import parallel
-
     before = jax.config.jax_compilation_cache_dir
     try:
         jax.config.update("jax_compilation_cache_dir", None)
@@ -230,3 +231,39 @@ def test_compilation_cache_setting(tmp_path, monkeypatch):
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
         compilation_cache.reset_cache()
+
+
+_FAULTS_SCRIPT = """
+import ctypes, resource, threading
+from flax_resnet import parallel
+tuned = parallel.tune_host_allocator()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, (ctypes.c_void_p,)
+faulted = []
+def worker(n=100 << 20):  # on a thread of its own, as XLA's buffers are
+    for _ in range(2):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        p = libc.malloc(n)
+        ctypes.memset(p, 1, n)
+        libc.free(p)
+        faulted.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * resource.getpagesize() >> 20)
+t = threading.Thread(target=worker)
+t.start()
+t.join()
+print(tuned, parallel.host_allocator_tuned(), faulted[1])
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_tuned_host_allocator_reuses_a_freed_100mb_block(opt_out):
+    """The second 100 MB block a thread allocates is the first one again (no page faults) once
+    tune_host_allocator has run; with glibc's defaults (the opt-out) it is a fresh mmap, faulted in."""
+    env = {k: v for k, v in os.environ.items() if k != parallel.ENV_NO_MALLOC_TUNING}
+    if opt_out:
+        env[parallel.ENV_NO_MALLOC_TUNING] = "1"
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    tuned, reported, faulted_mb = out.stdout.split()
+    assert (tuned, reported) == (("False", "False") if opt_out else ("True", "True"))
+    assert (int(faulted_mb) >= 90) if opt_out else (int(faulted_mb) <= 5), out.stdout

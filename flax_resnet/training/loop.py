@@ -281,6 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     from flax_resnet import data
     from flax_resnet.models import registry
 
+    parallel.tune_host_allocator()  # before JAX's CPU threads start, where this is the first call
     parallel.initialize_distributed()  # no-op unless launched as one of several processes
     parallel.enable_compilation_cache()  # reused by resumed runs and reruns (JAX_COMPILATION_CACHE_DIR wins)
     t_start = time.perf_counter()
