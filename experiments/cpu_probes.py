@@ -4,7 +4,7 @@
     python experiments/cpu_probes.py weightgrads --model resnet20 --batch 128
                                                     # our gradient formulations vs alternatives, in the real step (A/B)
     python experiments/cpu_probes.py batchnorm --model resnet20 --batch 128
-                                                    # BatchNorm: ours vs a custom VJP vs no statistics (bound), A/B
+                                                    # BatchNorm: our backward vs NNX's autodiff vs no statistics (bound), A/B
     python experiments/cpu_probes.py layers         # ResNet-50's kxk convolutions one by one: fwd, dx, dW, totals
     python experiments/cpu_probes.py winograd       # 3x3 convs by Winograd F(2x2,3x3) vs XLA's own (tried, dropped)
     python experiments/cpu_probes.py reduction      # BatchNorm statistics under three YNNPACK fusion lists
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import functools
 import re
 import sys
 import time
@@ -101,98 +100,47 @@ def _weightgrad_variants():
     }
 
 
-def batch_norm_vjp(x, scale, bias, epsilon: float):
-    """Train-mode BatchNorm over all but the last axis with a hand-written backward pass (tried,
-    dropped): the forward is NNX's arithmetic (E[x], E[x^2] in float32); the backward is two
-    reductions (sum g, sum g (x - mean)) and one elementwise pass. Returns ``(y, mean, var)``."""
-    import jax
-    import jax.numpy as jnp
-
-    axes = tuple(range(x.ndim - 1))
-
-    def forward(x, scale, bias):
-        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        mean = xf.mean(axes)
-        var = jnp.maximum(0.0, jnp.square(xf).mean(axes) - jnp.square(mean))
-        y = (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
-        return (y.astype(jnp.result_type(x, scale, bias)), mean, var), (x, mean, var, scale)
-
-    def backward(res, cts):
-        x, mean, var, scale = res
-        g, g_mean, g_var = cts  # the statistics' cotangents: zero where they only feed running averages
-        n = x.size // x.shape[-1]
-        gf, xc, inv = g.astype(mean.dtype), x.astype(mean.dtype) - mean, jax.lax.rsqrt(var + epsilon)
-        sum_g, sum_gx = gf.sum(axes), (gf * xc).sum(axes)
-        mul = inv * scale
-        dx = gf * mul + (g_mean - mul * sum_g) / n + xc * ((2 * g_var - mul * inv * inv * sum_gx) / n)
-        return dx.astype(x.dtype), (sum_gx * inv).astype(scale.dtype), sum_g.astype(scale.dtype)
-
-    fn = jax.custom_vjp(lambda x, scale, bias: forward(x, scale, bias)[0])
-    fn.defvjp(forward, backward)
-    return fn(x, scale, bias)
-
-
 def _batchnorm_variants():
-    """BatchNorm formulations to A/B in the real train step: name -> replacement ``BatchNorm.__call__``."""
-    import jax
+    """BatchNorm formulations to A/B in the real train step: name -> {blocks attribute: replacement}."""
+    import jax.numpy as jnp
+    from flax.nnx.nn.normalization import _compute_stats, _normalize
 
-    from flax_resnet.models import blocks
+    def nnx_autodiff(x, scale, bias, epsilon):  # what the "xla" path runs
+        axes = tuple(range(x.ndim - 1))
+        mean, var = _compute_stats(x, axes, dtype=None)
+        return _normalize(x, mean, var, scale, bias, axes, (x.ndim - 1,), None, epsilon), mean, var
 
-    ours = blocks.BatchNorm.__call__
+    def affine(x, scale, bias, epsilon):  # no statistics at all: a bound, not a model
+        return x * scale + bias, jnp.zeros(x.shape[-1], jnp.float32), jnp.ones(x.shape[-1], jnp.float32)
 
-    def train_mode(self, use_running_average, mask):
-        use_ra = self.use_running_average if use_running_average is None else use_running_average
-        return not use_ra and mask is None and self.axis_name is None
-
-    def custom_vjp(self, x, use_running_average=None, *, mask=None):
-        if not train_mode(self, use_running_average, mask):
-            return ours(self, x, use_running_average, mask=mask)
-        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
-        y, mean, var = batch_norm_vjp(x, scale, bias, self.epsilon)
-        n = x.size // x.shape[-1]
-        self.mean[...] = jax.lax.stop_gradient(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
-        self.var[...] = jax.lax.stop_gradient(self.momentum * self.var[...] + (1 - self.momentum) * var * n / (n - 1))
-        return y
-
-    def affine(self, x, use_running_average=None, *, mask=None):  # no statistics at all: a bound, not a model
-        if not train_mode(self, use_running_average, mask):
-            return ours(self, x, use_running_average, mask=mask)
-        return x * self.scale[...] + self.bias[...]
-
-    return {"ours (NNX's, autodiff)": ours, "custom VJP": custom_vjp, "affine only (no statistics; bound)": affine}
+    return {"ours (hand-written backward)": {}, "NNX's, autodiffed": {"batch_norm_train": nnx_autodiff},
+            "affine only (no statistics; bound)": {"batch_norm_train": affine}}
 
 
 def batchnorm(args) -> None:
     """Our real train step with each BatchNorm formulation, repeats interleaved."""
+    _patch_blocks(args, _batchnorm_variants(), "BatchNorm")
+
+
+def weightgrads(args) -> None:
+    _patch_blocks(args, _weightgrad_variants(), "gradients")
+
+
+def _patch_blocks(args, variants: dict, what: str) -> None:
+    """Our real train step traced and compiled with each variant's {attribute: replacement} patched
+    into models.blocks, its repeats interleaved; one line per variant."""
     from unittest import mock
 
+    from flax_resnet import benchmark
     from flax_resnet.models import blocks
 
-    _patched_steps(args, {name: functools.partial(mock.patch.object, blocks.BatchNorm, "__call__", call)
-                          for name, call in _batchnorm_variants().items()}, "BatchNorm")
-
-
-def _patched_steps(args, patches: dict, what: str) -> None:
-    """Our real train step traced and compiled under each patch (name -> context-manager factory),
-    its repeats interleaved; one line per variant."""
-    from flax_resnet import benchmark
-
     runners = {}
-    for name, patch in patches.items():
-        with patch():
+    for name, patches in variants.items():
+        with mock.patch.multiple(blocks, **patches) if patches else contextlib.nullcontext():
             cfg = benchmark.BenchmarkConfig(model=args.model, batch=args.batch, conv_impl="auto", eval=False)
             runners[name] = benchmark.build_ours(cfg, _image_size(args), 10)  # traced and compiled here, patched
     for name, (train, _) in _interleaved(runners, args).items():
         print(f"{args.model} batch {args.batch} {what} {name}: train {train:.2f} images/s", flush=True)
-
-
-def weightgrads(args) -> None:
-    from unittest import mock
-
-    from flax_resnet.models import blocks
-
-    _patched_steps(args, {name: functools.partial(mock.patch.multiple, blocks, **patches) if patches
-                          else contextlib.nullcontext for name, patches in _weightgrad_variants().items()}, "gradients")
 
 
 # ResNet-50 (v1.5, batch 16, 224x224): N, H=W in, Cin, Cout, k, stride, how many in the network

@@ -130,6 +130,16 @@ def test_model_with_fast_formulations_matches_plain_model():
         chex.assert_trees_all_close(l_fast, l_plain, rtol=1e-4)
         fa, pa = nnx.state(g_fast, nnx.Param), nnx.state(g_plain, nnx.Param)
         chex.assert_trees_all_close(fa, pa, atol=2e-3, rtol=2e-3)
+        # The BatchNorm running statistics the step folded in, too (PyTorch's unbiased variance).
+        chex.assert_trees_all_close(nnx.state(fast, nnx.BatchStat), nnx.state(plain, nnx.BatchStat),
+                                    atol=1e-6, rtol=1e-5)
+    # ... and the fast model's BatchNorms did go through batch_norm_train (one call per layer).
+    from unittest import mock
+
+    bns = [m for _, m in nnx.iter_graph(fast) if isinstance(m, blocks.BatchNorm)]
+    with mock.patch.object(blocks, "batch_norm_train", wraps=blocks.batch_norm_train) as spy:
+        _loss(fast, x)
+    assert len(bns) >= 7 and spy.call_count == len(bns)
 
 
 def fr_model(name, impl, **kw):
@@ -212,6 +222,32 @@ def test_fast_path_gradient_is_the_same_on_8_devices_and_matches_float64():
     assert len(traced) >= 2 * 17 and len(traced) % 17 == 0
     assert rel(eight, jax.tree.map(lambda a: np.asarray(a, np.float64), one)) < 2e-4
     assert rel(one, ref) < 2e-4 and rel(eight, ref) < 2e-4
+
+
+def test_batch_norm_train_is_nnx_batch_norm():
+    """The fast path's hand-written BatchNorm backward is NNX's autodiffed one, the statistics'
+    cotangents included; the forward is the same arithmetic."""
+    from flax.nnx.nn.normalization import _compute_stats, _normalize
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 5, 5, 6)) * 3 + 1, jnp.float32)
+    scale, bias = jnp.linspace(0.5, 1.5, 6), jnp.linspace(-1.0, 1.0, 6)
+    w, wm, wv = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (x.shape, (6,), (6,)))
+
+    def nnx_bn(x, scale, bias):
+        mean, var = _compute_stats(x, (0, 1, 2), dtype=None)
+        return _normalize(x, mean, var, scale, bias, (0, 1, 2), (3,), None, 1e-5), mean, var
+
+    def loss(bn, x, scale, bias):
+        y, mean, var = bn(x, scale, bias)
+        return jnp.sum(jnp.sin(y) * w) + jnp.sum(mean * wm) + jnp.sum(var * wv)
+
+    vjp_bn = blocks.batch_norm_train
+    want = jax.grad(loss, argnums=(1, 2, 3))(nnx_bn, x, scale, bias)
+    got = jax.grad(loss, argnums=(1, 2, 3))(lambda *a: vjp_bn(*a, 1e-5), x, scale, bias)
+    np.testing.assert_allclose(vjp_bn(x, scale, bias, 1e-5)[0], nnx_bn(x, scale, bias)[0], rtol=0, atol=1e-6)
+    for g, ref in zip(got, want):
+        np.testing.assert_allclose(g, ref, rtol=0, atol=2e-5 * float(jnp.max(jnp.abs(ref))))
 
 
 def test_compilation_cache_setting(tmp_path, monkeypatch):

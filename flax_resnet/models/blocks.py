@@ -43,7 +43,17 @@ class BatchNorm(nnx.BatchNorm):
     would drift away from PyTorch's statistics during fine-tuning; this class keeps them
     equal. Everything else (``scale``/``bias`` Params, ``mean``/``var`` BatchStats, the
     ``use_running_average`` view, eval mode) is NNX's own.
+
+    With ``impl="auto"`` on the CPU backend, train mode (NHWC-style: statistics over every axis
+    but the last, no mask) runs :func:`batch_norm_train`: NNX's forward arithmetic with a
+    hand-written backward pass. Elsewhere, and with ``impl="xla"``, it is NNX's code, autodiffed.
     """
+
+    def __init__(self, *args, impl: str = "auto", **kwargs):
+        if impl not in CONV_IMPLS:
+            raise ValueError(f"batch norm impl {impl!r}: choose one of {CONV_IMPLS}")
+        super().__init__(*args, **kwargs)
+        self.impl = impl
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
         use_ra = self.use_running_average if use_running_average is None else use_running_average
@@ -60,9 +70,15 @@ class BatchNorm(nnx.BatchNorm):
         bias = self.bias[...] if self.bias is not None else None
         x, _, _, scale, bias = self.promote_dtype(
             (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
-        mean, var = _compute_stats(
-            x, reduction_axes, dtype=self.dtype, axis_name=self.axis_name,
-            use_fast_variance=self.use_fast_variance, mask=mask)
+        fast = (self.impl == "auto" and jax.default_backend() == "cpu" and mask is None and self.axis_name is None
+                and feature_axes == (x.ndim - 1,) and scale is not None and bias is not None
+                and self.use_fast_variance)
+        if fast:
+            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+        else:
+            mean, var = _compute_stats(
+                x, reduction_axes, dtype=self.dtype, axis_name=self.axis_name,
+                use_fast_variance=self.use_fast_variance, mask=mask)
         # n: values per channel behind the batch statistics (the global batch under GSPMD).
         if mask is None:
             n = math.prod(x.shape[a] for a in reduction_axes)
@@ -74,7 +90,52 @@ class BatchNorm(nnx.BatchNorm):
         stop = jax.lax.stop_gradient if (self.mean._can_update or self.var._can_update) else (lambda v: v)
         self.mean[...] = stop(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
         self.var[...] = stop(self.momentum * self.var[...] + (1 - self.momentum) * unbiased)
+        if fast:
+            return y
         return _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, self.dtype, self.epsilon)
+
+
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+    """Train-mode BatchNorm over every axis but the last: ``(y, mean, biased var)``.
+
+    The forward pass is NNX's arithmetic (``E[x]``, ``E[x^2]`` in at least float32, the same
+    normalisation); the backward pass is written out: two per-channel sums (``g`` and
+    ``g * (x - mean)``) and one elementwise pass for ``dx``, the statistics' own cotangents
+    included. XLA's autodiff of the same forward costs ResNet-20/ResNet-50 train steps ~3% on
+    CPU (``experiments/cpu_probes.py batchnorm``; BUILD_NOTES.md, "Performance").
+    tests/test_benchmark.py checks it against NNX's autodiff.
+    """
+    return _batch_norm_train(x, scale, bias, epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm_train(x, scale, bias, epsilon):
+    return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon):
+    axes = tuple(range(x.ndim - 1))
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = xf.mean(axes)
+    var = jnp.maximum(0.0, jnp.square(xf).mean(axes) - jnp.square(mean))
+    y = (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+    return (y.astype(jnp.result_type(x, scale, bias)), mean, var), (x, mean, var, scale)
+
+
+def _batch_norm_train_bwd(epsilon, res, cts):
+    x, mean, var, scale = res
+    g, g_mean, g_var = cts  # the statistics' cotangents: zero where they only feed running averages
+    axes = tuple(range(x.ndim - 1))
+    n = x.size // x.shape[-1]
+    gf, xc, inv = g.astype(mean.dtype), x.astype(mean.dtype) - mean, jax.lax.rsqrt(var + epsilon)
+    sum_g, sum_gx = gf.sum(axes), (gf * xc).sum(axes)
+    mul = inv * scale
+    # dx = mul * (g - mean(g) - xhat * mean(g * xhat)) + dmean/n + 2 dvar (x - mean)/n, xhat = (x - mean) * inv
+    dx = gf * mul + (g_mean - mul * sum_g) / n + xc * ((2 * g_var - mul * inv * inv * sum_gx) / n)
+    return dx.astype(x.dtype), (sum_gx * inv).astype(scale.dtype), sum_g.astype(scale.dtype)
+
+
+_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 # ----------------------------------------------------------------------------- convolutions
@@ -275,8 +336,9 @@ class Layers:
       bn_momentum: Flax convention (weight of the *old* running value): 0.9 equals PyTorch's 0.1.
       bn_epsilon: 1e-5, as PyTorch.
       conv_impl: "auto" (on XLA:CPU: 1x1 convs as matmuls, kxk kernel gradients from a
-        channel-major copy, sub-pixel stride-2 input gradients; see :class:`Conv`) or "xla" (plain ``nnx.Conv`` arithmetic). Parameters are the
-        same either way. BatchNorm is NNX's arithmetic in both (see :class:`BatchNorm`).
+        channel-major copy, sub-pixel stride-2 input gradients; see :class:`Conv`; BatchNorm's
+        backward pass written out, see :class:`BatchNorm`) or "xla" (plain ``nnx.Conv`` and
+        NNX BatchNorm arithmetic, autodiffed). Parameters are the same either way.
     """
 
     def __init__(self, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32,
@@ -303,7 +365,7 @@ class Layers:
         return BatchNorm(
             features, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
             scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
-            dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
+            dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs, impl=self.conv_impl)
 
     def projection(self, cin: int, cout: int, stride: int, *, norm: bool = True) -> nnx.List:
         """Option B shortcut: 1x1 conv (+ BN). An ``nnx.List`` so keys read ``downsample/0``, ``/1``."""
