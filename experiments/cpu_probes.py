@@ -19,7 +19,7 @@
 Each prints one line per measurement. Timings are minima of repeats (convs, layers, winograd,
 reduction), medians of interleaved repeats of our real steps (fusions, weightgrads, batchnorm) or thread
 time summed over the profiled steps (profile); run them on a quiet machine. fusions,
-weightgrads and layers on ResNet-50 take several minutes each on 2 cores.
+weightgrads, batchnorm and layers on ResNet-50 take several minutes each on 2 cores.
 """
 
 from __future__ import annotations
@@ -103,17 +103,13 @@ def _weightgrad_variants():
 def _batchnorm_variants():
     """BatchNorm formulations to A/B in the real train step: name -> {blocks attribute: replacement}."""
     import jax.numpy as jnp
-    from flax.nnx.nn.normalization import _compute_stats, _normalize
 
-    def nnx_autodiff(x, scale, bias, epsilon):  # what the "xla" path runs
-        axes = tuple(range(x.ndim - 1))
-        mean, var = _compute_stats(x, axes, dtype=None)
-        return _normalize(x, mean, var, scale, bias, axes, (x.ndim - 1,), None, epsilon), mean, var
+    from flax_resnet.models import blocks
 
     def affine(x, scale, bias, epsilon):  # no statistics at all: a bound, not a model
         return x * scale + bias, jnp.zeros(x.shape[-1], jnp.float32), jnp.ones(x.shape[-1], jnp.float32)
 
-    return {"ours (hand-written backward)": {}, "NNX's, autodiffed": {"batch_norm_train": nnx_autodiff},
+    return {"ours (hand-written backward)": {}, "NNX's, autodiffed": {"batch_norm_train": blocks.batch_norm_train_autodiff},
             "affine only (no statistics; bound)": {"batch_norm_train": affine}}
 
 

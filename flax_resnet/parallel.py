@@ -162,6 +162,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 ENV_NO_COMPILATION_CACHE = "FLAX_RESNET_NO_COMPILATION_CACHE"
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> str | None:
     """Turns on JAX's persistent compilation cache, unless it is already configured or disabled.
 
@@ -178,7 +182,7 @@ def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> str 
     current = jax.config.jax_compilation_cache_dir
     if current:
         return current
-    if os.environ.get(ENV_NO_COMPILATION_CACHE, "").strip().lower() in ("1", "true", "yes", "on"):
+    if _env_flag(ENV_NO_COMPILATION_CACHE):
         return None
     if cache_dir is None:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -210,7 +214,7 @@ def tune_host_allocator() -> bool:
     anew with ``malloc``. With glibc's defaults, blocks over 32 MB (over 64 MB on a worker
     thread's arena) are fresh ``mmap``s unmapped on free, and a freed heap top is trimmed, so
     the kernel faults and zeroes those pages again on every step: 290 MB per ResNet-20 batch-128
-    step and 2.2 GB per ResNet-50 batch-16 step, ~10% of the step's time (BUILD_NOTES.md,
+    step and 2.2 GB per ResNet-50 batch-16 step, ~15% of the step's CPU time (BUILD_NOTES.md,
     "Performance"). Here, through ``mallopt``: one arena for every thread, no ``mmap``, no
     trimming. The price: the process keeps its peak host memory until it exits.
 
@@ -224,8 +228,7 @@ def tune_host_allocator() -> bool:
         return True
     import platform
 
-    if (os.environ.get(ENV_NO_MALLOC_TUNING, "").strip().lower() in ("1", "true", "yes", "on")
-            or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"):
+    if _env_flag(ENV_NO_MALLOC_TUNING) or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     import ctypes
 
@@ -235,8 +238,9 @@ def tune_host_allocator() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # M_TRIM_THRESHOLD takes a size_t inside an int: -1 is SIZE_MAX, never trim.
-    _host_allocator_tuned = all(mallopt(param, value) == 1 for param, value in (
-        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+    applied = [mallopt(param, value) == 1 for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
+                                                               (_M_TRIM_THRESHOLD, -1))]
+    _host_allocator_tuned = all(applied)
     return _host_allocator_tuned
 
 

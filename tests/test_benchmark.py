@@ -3,8 +3,10 @@ BatchNorm formulations against the plain ones, and the PyTorch reference against
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -125,21 +127,24 @@ def test_model_with_fast_formulations_matches_plain_model():
         plain = fr_model(name, "xla", **kw)
         size = 32
         x = jax.random.normal(jax.random.key(2), (4, size, size, 3))
-        l_fast, g_fast = jax.jit(nnx.value_and_grad(_loss))(fast, x)
-        l_plain, g_plain = jax.jit(nnx.value_and_grad(_loss))(plain, x)
+        l_fast, g_fast = nnx.jit(nnx.value_and_grad(_loss))(fast, x)  # nnx.jit: the stats updates reach the model
+        l_plain, g_plain = nnx.jit(nnx.value_and_grad(_loss))(plain, x)
         chex.assert_trees_all_close(l_fast, l_plain, rtol=1e-4)
         fa, pa = nnx.state(g_fast, nnx.Param), nnx.state(g_plain, nnx.Param)
         chex.assert_trees_all_close(fa, pa, atol=2e-3, rtol=2e-3)
         # The BatchNorm running statistics the step folded in, too (PyTorch's unbiased variance).
-        chex.assert_trees_all_close(nnx.state(fast, nnx.BatchStat), nnx.state(plain, nnx.BatchStat),
-                                    atol=1e-6, rtol=1e-5)
-    # ... and the fast model's BatchNorms did go through batch_norm_train (one call per layer).
+        fs, ps = nnx.state(fast, nnx.BatchStat), nnx.state(plain, nnx.BatchStat)
+        assert max(float(jnp.max(jnp.abs(m))) for m in jax.tree.leaves(ps)) > 1e-3  # they moved
+        chex.assert_trees_all_close(fs, ps, atol=1e-6, rtol=1e-5)
+    # ... and the fast model's BatchNorms did go through batch_norm_train (one call per layer), the plain one's not.
     from unittest import mock
 
     bns = [m for _, m in nnx.iter_graph(fast) if isinstance(m, blocks.BatchNorm)]
     with mock.patch.object(blocks, "batch_norm_train", wraps=blocks.batch_norm_train) as spy:
         _loss(fast, x)
-    assert len(bns) >= 7 and spy.call_count == len(bns)
+        assert len(bns) >= 7 and spy.call_count == len(bns)
+        _loss(plain, x)
+        assert spy.call_count == len(bns)
 
 
 def fr_model(name, impl, **kw):
@@ -227,16 +232,11 @@ def test_fast_path_gradient_is_the_same_on_8_devices_and_matches_float64():
 def test_batch_norm_train_is_nnx_batch_norm():
     """The fast path's hand-written BatchNorm backward is NNX's autodiffed one, the statistics'
     cotangents included; the forward is the same arithmetic."""
-    from flax.nnx.nn.normalization import _compute_stats, _normalize
-
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(4, 5, 5, 6)) * 3 + 1, jnp.float32)
     scale, bias = jnp.linspace(0.5, 1.5, 6), jnp.linspace(-1.0, 1.0, 6)
     w, wm, wv = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (x.shape, (6,), (6,)))
-
-    def nnx_bn(x, scale, bias):
-        mean, var = _compute_stats(x, (0, 1, 2), dtype=None)
-        return _normalize(x, mean, var, scale, bias, (0, 1, 2), (3,), None, 1e-5), mean, var
+    nnx_bn = functools.partial(blocks.batch_norm_train_autodiff, epsilon=1e-5)
 
     def loss(bn, x, scale, bias):
         y, mean, var = bn(x, scale, bias)
@@ -274,32 +274,35 @@ import ctypes, resource, threading
 from flax_resnet import parallel
 tuned = parallel.tune_host_allocator()
 libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, (ctypes.c_void_p,)
-faulted = []
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+faults = []
 def worker(n=100 << 20):  # on a thread of its own, as XLA's buffers are
     for _ in range(2):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         p = libc.malloc(n)
         ctypes.memset(p, 1, n)
         libc.free(p)
-        faulted.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * resource.getpagesize() >> 20)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 t = threading.Thread(target=worker)
 t.start()
 t.join()
-print(tuned, parallel.host_allocator_tuned(), faulted[1])
+print(tuned, parallel.host_allocator_tuned(), faults[1])
 """
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
 @pytest.mark.parametrize("opt_out", [False, True])
 def test_tuned_host_allocator_reuses_a_freed_100mb_block(opt_out):
     """The second 100 MB block a thread allocates is the first one again (no page faults) once
-    tune_host_allocator has run; with glibc's defaults (the opt-out) it is a fresh mmap, faulted in."""
-    env = {k: v for k, v in os.environ.items() if k != parallel.ENV_NO_MALLOC_TUNING}
+    tune_host_allocator has run; with glibc's defaults (the opt-out) it is a fresh mmap, faulted in
+    (25600 faults with 4 KiB pages, 50 where transparent huge pages are always on)."""
+    env = {k: v for k, v in os.environ.items()
+           if k != parallel.ENV_NO_MALLOC_TUNING and not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))}
     if opt_out:
         env[parallel.ENV_NO_MALLOC_TUNING] = "1"
     out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    tuned, reported, faulted_mb = out.stdout.split()
+    tuned, reported, faults = out.stdout.split()
     assert (tuned, reported) == (("False", "False") if opt_out else ("True", "True"))
-    assert (int(faulted_mb) >= 90) if opt_out else (int(faulted_mb) <= 5), out.stdout
+    assert (int(faults) >= 40) if opt_out else (int(faults) <= 10), out.stdout

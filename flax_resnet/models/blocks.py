@@ -44,9 +44,11 @@ class BatchNorm(nnx.BatchNorm):
     equal. Everything else (``scale``/``bias`` Params, ``mean``/``var`` BatchStats, the
     ``use_running_average`` view, eval mode) is NNX's own.
 
-    With ``impl="auto"`` on the CPU backend, train mode (NHWC-style: statistics over every axis
-    but the last, no mask) runs :func:`batch_norm_train`: NNX's forward arithmetic with a
-    hand-written backward pass. Elsewhere, and with ``impl="xla"``, it is NNX's code, autodiffed.
+    With ``impl="auto"`` on the CPU backend, train mode with statistics over every axis but the
+    last (no mask, no ``axis_name``, scale and bias, fast variance) runs :func:`batch_norm_train`:
+    NNX's forward arithmetic with a hand-written backward pass. Being a ``custom_vjp``, that path
+    has no forward-mode derivative (``jax.jvp``/``jacfwd`` through a train-mode CPU BatchNorm:
+    use ``impl="xla"``). Elsewhere, and with ``impl="xla"``, it is NNX's code, autodiffed.
     """
 
     def __init__(self, *args, impl: str = "auto", **kwargs):
@@ -101,11 +103,21 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
     The forward pass is NNX's arithmetic (``E[x]``, ``E[x^2]`` in at least float32, the same
     normalisation); the backward pass is written out: two per-channel sums (``g`` and
     ``g * (x - mean)``) and one elementwise pass for ``dx``, the statistics' own cotangents
-    included. XLA's autodiff of the same forward costs ResNet-20/ResNet-50 train steps ~3% on
+    included. XLA's autodiff of the same forward costs ResNet-20/ResNet-50 train steps ~4% on
     CPU (``experiments/cpu_probes.py batchnorm``; BUILD_NOTES.md, "Performance").
     tests/test_benchmark.py checks it against NNX's autodiff.
     """
     return _batch_norm_train(x, scale, bias, epsilon)
+
+
+def batch_norm_train_autodiff(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+    """:func:`batch_norm_train` as NNX's own code, differentiated by JAX (what ``impl="xla"``
+    runs for the same layer); the reference of its tests and of ``cpu_probes.py batchnorm``."""
+    from flax.nnx.nn.normalization import _compute_stats, _normalize
+
+    axes = tuple(range(x.ndim - 1))
+    mean, var = _compute_stats(x, axes, dtype=None)
+    return _normalize(x, mean, var, scale, bias, axes, (x.ndim - 1,), None, epsilon), mean, var
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -119,11 +131,11 @@ def _batch_norm_train_fwd(x, scale, bias, epsilon):
     mean = xf.mean(axes)
     var = jnp.maximum(0.0, jnp.square(xf).mean(axes) - jnp.square(mean))
     y = (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
-    return (y.astype(jnp.result_type(x, scale, bias)), mean, var), (x, mean, var, scale)
+    return (y.astype(jnp.result_type(x, scale, bias)), mean, var), (x, mean, var, scale, bias)
 
 
 def _batch_norm_train_bwd(epsilon, res, cts):
-    x, mean, var, scale = res
+    x, mean, var, scale, bias = res
     g, g_mean, g_var = cts  # the statistics' cotangents: zero where they only feed running averages
     axes = tuple(range(x.ndim - 1))
     n = x.size // x.shape[-1]
@@ -132,7 +144,7 @@ def _batch_norm_train_bwd(epsilon, res, cts):
     mul = inv * scale
     # dx = mul * (g - mean(g) - xhat * mean(g * xhat)) + dmean/n + 2 dvar (x - mean)/n, xhat = (x - mean) * inv
     dx = gf * mul + (g_mean - mul * sum_g) / n + xc * ((2 * g_var - mul * inv * inv * sum_gx) / n)
-    return dx.astype(x.dtype), (sum_gx * inv).astype(scale.dtype), sum_g.astype(scale.dtype)
+    return dx.astype(x.dtype), (sum_gx * inv).astype(scale.dtype), sum_g.astype(bias.dtype)
 
 
 _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)

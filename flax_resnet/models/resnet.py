@@ -53,9 +53,10 @@ class ResNet(nnx.Module):
       dtype: computation dtype (e.g. ``jnp.bfloat16``); params stay in ``param_dtype``.
       bn_momentum, bn_epsilon: Flax-convention momentum (0.9 == PyTorch 0.1) and epsilon.
       conv_impl: "auto" (the default: on XLA:CPU the fast formulations of
-        :class:`~flax_resnet.models.blocks.Conv`, and XLA's own convolutions via
+        :class:`~flax_resnet.models.blocks.Conv`, BatchNorm's written-out backward pass
+        (:func:`~flax_resnet.models.blocks.batch_norm_train`), and XLA's own convolutions via
         :func:`~flax_resnet.training.steps.compiler_options`; plain arithmetic on GPU/TPU) or
-        "xla" (plain ``nnx.Conv`` and XLA's defaults everywhere). The
+        "xla" (plain ``nnx.Conv``, NNX's BatchNorm and XLA's defaults everywhere). The
         parameters are the same and the values equal up to float rounding.
       rngs: NNX random streams.
     """
