@@ -11,6 +11,8 @@
     python experiments/cpu_probes.py fusions --model resnet50 --batch 16
                                                     # our train/eval steps under YNNPACK fusion lists (A/B);
                                                     # --options NAME=VALUE: our list plus other XLA options
+    python experiments/cpu_probes.py faults --model resnet20 --batch 128 --steps 10
+                                                    # per step: MB page-faulted in, sys/user CPU ms, max RSS
     python experiments/cpu_probes.py profile --model resnet50 --batch 16 --conv-impl xla
                                                     # per-op thread time of one train step, by op kind
     python experiments/cpu_probes.py conditioning --model resnet18 --batch 8 --size 32
@@ -123,20 +125,28 @@ def weightgrads(args) -> None:
 
 
 def _patch_blocks(args, variants: dict, what: str) -> None:
-    """Our real train step traced and compiled with each variant's {attribute: replacement} patched
-    into models.blocks, its repeats interleaved; one line per variant."""
+    """:func:`_ab_steps` with each variant's {attribute: replacement} patched into models.blocks."""
     from unittest import mock
 
-    from flax_resnet import benchmark
     from flax_resnet.models import blocks
 
+    _ab_steps(args, {name: (lambda p=patches: mock.patch.multiple(blocks, **p) if p else contextlib.nullcontext())
+                     for name, patches in variants.items()}, what)
+
+
+def _ab_steps(args, contexts: dict, what: str, *, evaluate: bool = False) -> None:
+    """Our real train (and eval) steps traced and compiled inside each variant's context (name ->
+    context-manager factory), their repeats interleaved; one line per variant."""
+    from flax_resnet import benchmark
+
     runners = {}
-    for name, patches in variants.items():
-        with mock.patch.multiple(blocks, **patches) if patches else contextlib.nullcontext():
-            cfg = benchmark.BenchmarkConfig(model=args.model, batch=args.batch, conv_impl="auto", eval=False)
-            runners[name] = benchmark.build_ours(cfg, _image_size(args), 10)  # traced and compiled here, patched
-    for name, (train, _) in _interleaved(runners, args).items():
-        print(f"{args.model} batch {args.batch} {what} {name}: train {train:.2f} images/s", flush=True)
+    for name, context in contexts.items():
+        with context():
+            cfg = benchmark.BenchmarkConfig(model=args.model, batch=args.batch, conv_impl="auto", eval=evaluate)
+            runners[name] = benchmark.build_ours(cfg, _image_size(args), 10)  # traced and compiled here
+    for name, (train, evaluation) in _interleaved(runners, args).items():
+        print(f"{args.model} batch {args.batch} {what} {name}: train {train:.2f} images/s"
+              + (f", eval {evaluation:.1f} images/s" if evaluate else ""), flush=True)
 
 
 # ResNet-50 (v1.5, batch 16, 224x224): N, H=W in, Cin, Cout, k, stride, how many in the network
@@ -291,8 +301,8 @@ def fusions(args) -> None:
     """Our real train and eval steps ("auto" model) under each YNNPACK fusion list, and under our list
     plus other XLA:CPU options (``--options name=value[+name=value]``), repeats interleaved."""
     import os
+    from unittest import mock
 
-    from flax_resnet import benchmark
     from flax_resnet.training import steps
 
     if steps._YNN_FLAG in os.environ.get("XLA_FLAGS", ""):
@@ -301,17 +311,8 @@ def fusions(args) -> None:
     for spec in args.options:
         extra = dict(kv.split("=", 1) for kv in spec.split("+"))
         variants[f"ours+{spec}"] = {**steps.CPU_COMPILER_OPTIONS, **{k: _option_value(v) for k, v in extra.items()}}
-    runners, chosen = {}, steps.CPU_COMPILER_OPTIONS
-    try:
-        for name, options in variants.items():
-            steps.CPU_COMPILER_OPTIONS = options
-            cfg = benchmark.BenchmarkConfig(model=args.model, batch=args.batch, conv_impl="auto", eval=True)
-            runners[name] = benchmark.build_ours(cfg, _image_size(args), 10)  # compiled here, under these options
-    finally:
-        steps.CPU_COMPILER_OPTIONS = chosen
-    for name, (train, evaluation) in _interleaved(runners, args).items():
-        print(f"{args.model} batch {args.batch} YNNPACK fusions {name}: train {train:.1f} "
-              f"images/s, eval {evaluation:.1f} images/s", flush=True)
+    _ab_steps(args, {name: (lambda o=options: mock.patch.object(steps, "CPU_COMPILER_OPTIONS", o))
+                     for name, options in variants.items()}, "YNNPACK fusions", evaluate=True)
 
 
 def _interleaved(runners: dict, args) -> dict:
@@ -363,6 +364,28 @@ def profile(args) -> None:
           "(Eigen convolutions run in untraced pool tasks and are missing)")
     for kind, ns in kinds.most_common(12):
         print(f"  {ns / args.steps / 1e6:9.1f} ms  {kind}")
+
+
+def faults(args) -> None:
+    """Per train step of our real step: wall time, memory page-faulted in, kernel and user CPU time,
+    peak resident memory. What :func:`flax_resnet.parallel.tune_host_allocator` removes; run with
+    FLAX_RESNET_NO_MALLOC_TUNING=1 for glibc's defaults."""
+    import resource
+
+    from flax_resnet import benchmark, parallel
+
+    cfg = benchmark.BenchmarkConfig(model=args.model, batch=args.batch, conv_impl="auto", eval=False)
+    runner = benchmark.build_ours(cfg, _image_size(args), 10)
+    runner.train(1)
+    print(f"{args.model} batch {args.batch}, host allocator tuned: {parallel.host_allocator_tuned()}", flush=True)
+    for i in range(args.steps):
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        wall = runner.train(1)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        faulted = (after.ru_minflt - before.ru_minflt) * resource.getpagesize() / 2**20
+        print(f"step {i}: {wall * 1e3:.0f} ms, {faulted:.0f} MB faulted in, sys "
+              f"{(after.ru_stime - before.ru_stime) * 1e3:.0f} ms, user {(after.ru_utime - before.ru_utime) * 1e3:.0f} ms, "
+              f"max RSS {after.ru_maxrss / 1024:.0f} MB", flush=True)
 
 
 def conditioning(args) -> None:
@@ -494,7 +517,7 @@ def main(argv=None) -> int:
     sub.add_parser("layers", help="ResNet-50's kxk convolutions one by one")
     sub.add_parser("winograd", help="3x3 convolutions by Winograd F(2x2,3x3) vs XLA's own")
     sub.add_parser("reduction", help="BatchNorm statistics vs YNNPACK fusion lists")
-    for name in ("profile", "conditioning", "fusions", "weightgrads", "batchnorm"):
+    for name in ("profile", "conditioning", "fusions", "weightgrads", "batchnorm", "faults"):
         q = sub.add_parser(name)
         q.add_argument("--model", default="resnet20")
         q.add_argument("--batch", type=int, default=8 if name == "conditioning" else 128)
@@ -502,6 +525,8 @@ def main(argv=None) -> int:
         if name == "profile":
             q.add_argument("--conv-impl", choices=("auto", "xla"), default="auto")
             q.add_argument("--steps", type=int, default=2)
+        if name == "faults":
+            q.add_argument("--steps", type=int, default=10, help="steps measured one by one")
         if name in ("fusions", "weightgrads", "batchnorm"):
             q.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
             q.add_argument("--repeats", type=int, default=3)
@@ -513,7 +538,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     {"convs": convs, "layers": layers, "winograd": winograd, "reduction": reduction, "profile": profile,
      "conditioning": conditioning, "fusions": fusions, "weightgrads": weightgrads,
-     "batchnorm": batchnorm}[args.probe](args)
+     "batchnorm": batchnorm, "faults": faults}[args.probe](args)
     return 0
 
 

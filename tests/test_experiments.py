@@ -260,3 +260,13 @@ def test_cpu_probes_batchnorm_and_options_time_each_variant(capsys):
     assert [n for n, _ in names] == ["ours (hand-written backward)", "NNX's, autodiffed", "affine only (no statistics; bound)"]
     assert re.findall(r"fusions (\S+): train", out) == ["ours+xla_cpu_scheduler_type=1"]
     assert all(float(r) > 0 for _, r in names)
+
+
+def test_cpu_probes_faults_prints_one_line_per_step(capsys):
+    import re
+
+    assert load_script("cpu_probes").main(["faults", "--model", "resnet8", "--batch", "8", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"host allocator tuned: (True|False)", out)
+    steps = re.findall(r"step (\d+): (\d+) ms, (\d+) MB faulted in, sys (\d+) ms, user (\d+) ms, max RSS (\d+) MB", out)
+    assert [s[0] for s in steps] == ["0", "1"] and all(int(s[5]) > 0 for s in steps)

@@ -97,6 +97,7 @@ class BatchNorm(nnx.BatchNorm):
         return _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, self.dtype, self.epsilon)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
     """Train-mode BatchNorm over every axis but the last: ``(y, mean, biased var)``.
 
@@ -107,7 +108,7 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
     CPU (``experiments/cpu_probes.py batchnorm``; BUILD_NOTES.md, "Performance").
     tests/test_benchmark.py checks it against NNX's autodiff.
     """
-    return _batch_norm_train(x, scale, bias, epsilon)
+    return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
 
 
 def batch_norm_train_autodiff(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
@@ -118,11 +119,6 @@ def batch_norm_train_autodiff(x: jax.Array, scale: jax.Array, bias: jax.Array, e
     axes = tuple(range(x.ndim - 1))
     mean, var = _compute_stats(x, axes, dtype=None)
     return _normalize(x, mean, var, scale, bias, axes, (x.ndim - 1,), None, epsilon), mean, var
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _batch_norm_train(x, scale, bias, epsilon):
-    return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
 
 
 def _batch_norm_train_fwd(x, scale, bias, epsilon):
@@ -147,7 +143,7 @@ def _batch_norm_train_bwd(epsilon, res, cts):
     return dx.astype(x.dtype), (sum_gx * inv).astype(scale.dtype), sum_g.astype(bias.dtype)
 
 
-_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 # ----------------------------------------------------------------------------- convolutions
