@@ -1,6 +1,6 @@
 """The probes behind BUILD_NOTES.md "Performance": where XLA:CPU loses time, and how well conditioned a gradient is.
 
-    python experiments/cpu_probes.py convs          # 3x3 conv GFLOP/s: YNNPACK vs XLA's own vs PyTorch
+    python experiments/cpu_probes.py convs          # 3x3 conv GFLOP/s: YNNPACK vs XLA's own vs ours vs PyTorch
     python experiments/cpu_probes.py weightgrads --model resnet20 --batch 128
                                                     # our gradient formulations vs alternatives, in the real step (A/B)
     python experiments/cpu_probes.py batchnorm --model resnet20 --batch 128
@@ -33,7 +33,8 @@ import re
 import sys
 import time
 
-CONV_SHAPES = ((128, 32, 16, 16), (128, 16, 32, 32), (128, 8, 64, 64), (16, 56, 64, 64))  # N, H=W, Cin, Cout
+CONV_SHAPES = ((128, 32, 16, 16), (128, 16, 32, 32), (128, 8, 64, 64), (16, 56, 64, 64),  # N, H=W, Cin, Cout
+               (16, 28, 128, 128), (16, 14, 256, 256), (16, 7, 512, 512))
 
 
 def _best_ms(fn, *args, repeats: int = 5) -> float:
@@ -54,16 +55,18 @@ def convs(args) -> None:
 
     from flax_resnet.training import steps
 
-    from flax_resnet.models.blocks import _conv
+    from flax_resnet.models.blocks import _conv, conv_kxk
 
     for n, h, cin, cout in CONV_SHAPES:
         x = jax.random.normal(jax.random.key(0), (n, h, h, cin))
         k = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) * 0.1
         flops = 2 * n * h * h * cin * cout * 9
         line = [f"3x3 {cin}->{cout} @{h}x{h} b{n} GFLOP/s fwd / fwd+bwd:"]
-        for name, opts in (("YNNPACK (default)", None), ("XLA own", steps.CPU_COMPILER_OPTIONS)):
-            fwd = jax.jit(lambda x, k: _conv(x, k, 1, 1), compiler_options=opts)
-            both = jax.jit(jax.grad(lambda x, k: jnp.sum(_conv(x, k, 1, 1) ** 2), argnums=(0, 1)),
+        variants = (("YNNPACK (default)", None, _conv), ("XLA own", steps.CPU_COMPILER_OPTIONS, _conv),
+                    ("ours (native where served)", steps.CPU_COMPILER_OPTIONS, conv_kxk))
+        for name, opts, conv in variants:
+            fwd = jax.jit(lambda x, k: conv(x, k, 1, 1), compiler_options=opts)
+            both = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k, 1, 1) ** 2), argnums=(0, 1)),
                            compiler_options=opts)
             line.append(f"{name} {flops / _best_ms(fwd, x, k) / 1e6:.0f} / {3 * flops / _best_ms(both, x, k) / 1e6:.0f}")
         try:

@@ -314,7 +314,7 @@ def interleaved(runners: list[_Runner], kind: str, steps: int, repeats: int,
 
 
 def _environment() -> dict[str, Any]:
-    from flax_resnet import parallel
+    from flax_resnet import native, parallel
 
     try:
         load = os.getloadavg()
@@ -323,7 +323,8 @@ def _environment() -> dict[str, Any]:
     return {"python": platform.python_version(), "jax": jax.__version__, "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "load_average": load, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
-            "host_allocator_tuned": parallel.host_allocator_tuned()}
+            "host_allocator_tuned": parallel.host_allocator_tuned(),
+            "native_conv": native.status() if jax.default_backend() == "cpu" else None}
 
 
 def _peak_device_bytes() -> int | None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import benchmark, cli, parallel
+from flax_resnet import benchmark, cli, native, parallel
 from flax_resnet.models import blocks
 
 
@@ -46,6 +46,7 @@ def test_benchmark_cli_writes_json_with_the_documented_keys(tmp_path, capsys):
     assert result["memory"]["xla_peak_estimate_bytes"] > 0 and result["memory"]["host_max_rss_bytes"] > 0
     assert result["torch"]["memory_format"] == "channels_last"
     assert len(result["environment"]["load_average"]) == 3
+    assert result["environment"]["native_conv"]["available"] == native.available()
 
 
 def test_loop_overhead_runs_the_real_loop(digits_data_dir):

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_resnet import native
+
 Dtype = Any
 Shortcut = Literal["A", "B"]
 
@@ -163,11 +165,24 @@ batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 # batch-sharded contraction under GSPMD), fed from that copy; a 1x1 kernel gradient is one
 # transposed-operand matmul. The input gradient of a 3x3 stride-2 convolution is computed per
 # output parity (sub-pixel) instead of as XLA's dilated transposed convolution.
-# tests/test_benchmark.py checks outputs and gradients against nnx.Conv.
+# Where flax_resnet.native serves the shape (float32, 8-256 channels; kernel gradients up to 128),
+# the forward convolution, the stride-1 input gradient (a forward convolution of g with the
+# flipped kernel), the sub-pixel parts and the kernel gradient run as its direct CPU kernels
+# instead of XLA's convolutions, which reach well under half of the FMA peak at these widths.
+# tests/test_benchmark.py and tests/test_native.py check outputs and gradients against nnx.Conv.
 CONV_IMPLS = ("auto", "xla")
 
 
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, pads) -> jax.Array:
+    """NHWC x HWIO convolution with zero ``pads = ((top, bottom), (left, right))``: the native CPU
+    kernel where :func:`flax_resnet.native.supports` the shape, else ``lax.conv_general_dilated``."""
+    if native.supports(x.shape, kernel.shape, jnp.result_type(x, kernel)):
+        return native.conv_forward(x, kernel, stride, pads)
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def _conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    """XLA's convolution with symmetric padding (differentiable by JAX, unlike the native kernels)."""
     return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -188,6 +203,8 @@ def conv_weight_grad(x: jax.Array, g: jax.Array, kernel_shape, stride: int, pad:
     """
     n, h, w, c = x.shape
     k = kernel_shape[0]
+    if native.supports(x.shape, kernel_shape, jnp.result_type(x, g), "wgrad"):
+        return native.conv_wgrad(x, g, (k, k), stride, ((pad, pad), (pad, pad)))
     xt = channel_major(x.reshape(-1, c)).reshape(c, n, h, w)
     # High padding so that the dilated g window fits exactly (PyTorch's floor for strided convs).
     hi_h = (g.shape[1] - 1) * stride + k - h - pad
@@ -200,11 +217,11 @@ def conv_weight_grad(x: jax.Array, g: jax.Array, kernel_shape, stride: int, pad:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_kxk(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
     """``lax.conv_general_dilated`` (NHWC, HWIO, symmetric padding) with :func:`conv_weight_grad`."""
-    return _conv(x, kernel, stride, pad)
+    return conv2d(x, kernel, stride, ((pad, pad), (pad, pad)))
 
 
 def _conv_kxk_fwd(x, kernel, stride, pad):
-    return _conv(x, kernel, stride, pad), (x, kernel)
+    return conv_kxk(x, kernel, stride, pad), (x, kernel)
 
 
 def conv_input_grad(x: jax.Array, g: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
@@ -212,6 +229,11 @@ def conv_input_grad(x: jax.Array, g: jax.Array, kernel: jax.Array, stride: int, 
     convolutions of even-sized inputs, which go through :func:`_stride2_input_grad`."""
     if stride == 2 and pad == 1 and kernel.shape[:2] == (3, 3) and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
         return _stride2_input_grad(g, kernel)
+    k = kernel.shape[0]
+    flipped = kernel[::-1, ::-1].swapaxes(2, 3)  # HWIO of the transposed convolution
+    if stride == 1 and pad <= k - 1 and native.supports(g.shape, flipped.shape, jnp.result_type(g, kernel)):
+        q = k - 1 - pad
+        return native.conv_forward(g, flipped, 1, ((q, q), (q, q)))
     return jax.vjp(lambda xx: _conv(xx, kernel, stride, pad), x)[1](g)[0]
 
 
@@ -234,8 +256,7 @@ def _stride2_input_grad(g: jax.Array, kernel: jax.Array) -> jax.Array:
             if sub.shape[:2] == (1, 1):
                 cols.append(jax.lax.dot_general(g, sub[0, 0], (((3,), (0,)), ((), ()))))
             else:
-                cols.append(jax.lax.conv_general_dilated(g, sub, (1, 1), ((0, len(taps_h) - 1), (0, len(taps_w) - 1)),
-                                                         dimension_numbers=("NHWC", "HWIO", "NHWC")))
+                cols.append(conv2d(g, sub, 1, ((0, len(taps_h) - 1), (0, len(taps_w) - 1))))
         rows.append(jnp.stack(cols, 3))
     return jnp.stack(rows, 2).reshape(n, 2 * ho, 2 * wo, kernel.shape[2])
 
@@ -283,7 +304,8 @@ class Conv(nnx.Conv):
     """``nnx.Conv`` (same ``kernel``/``bias`` parameters, shapes and init) computed the fast way.
 
     With ``impl="auto"`` on the CPU backend: 1x1 convolutions run as :func:`conv1x1` (a
-    matmul); kxk ones as ``lax.conv_general_dilated`` with the kernel gradient of
+    matmul); kxk ones as :func:`conv2d` (the native kernels of :mod:`flax_resnet.native` where
+    they serve the shape, else ``lax.conv_general_dilated``) with the kernel gradient of
     :func:`conv_weight_grad` and the input gradient of :func:`conv_input_grad`. On GPUs/TPUs (whose convolution libraries have no such
     weakness), grouped convolutions, and with ``impl="xla"``, it is ``nnx.Conv`` unchanged.
     Only NHWC inputs with symmetric integer padding are specialised (what
@@ -343,7 +365,8 @@ class Layers:
       param_dtype: storage dtype of parameters and BatchNorm statistics.
       bn_momentum: Flax convention (weight of the *old* running value): 0.9 equals PyTorch's 0.1.
       bn_epsilon: 1e-5, as PyTorch.
-      conv_impl: "auto" (on XLA:CPU: 1x1 convs as matmuls, kxk kernel gradients from a
+      conv_impl: "auto" (on XLA:CPU: 1x1 convs as matmuls, kxk convs and their gradients as
+        native direct kernels where they serve the shape, else kxk kernel gradients from a
         channel-major copy, sub-pixel stride-2 input gradients; see :class:`Conv`; BatchNorm's
         backward pass written out, see :class:`BatchNorm`) or "xla" (plain ``nnx.Conv`` and
         NNX BatchNorm arithmetic, autodiffed). Parameters are the same either way.

@@ -534,8 +534,9 @@ def predict(workdir: str | Path, image_paths: Sequence[str | Path], *, which: st
     info = data.get_dataset_info(m.config.dataset, m.config.data_dir, image_size=_image_size(m.config))
     images = np.stack([np.asarray(data.preprocess_for_eval(_open_image(p), info), np.float32)
                        for p in image_paths])
-    probs_fn = jax.jit(lambda s, x: steps.predict_step(s, x, graph=m.graph, compute_dtype=m.compute_dtype),
-                       compiler_options=steps.compiler_options(m.graph))
+    predict = steps.with_native_convs(
+        lambda s, x: steps.predict_step(s, x, graph=m.graph, compute_dtype=m.compute_dtype), m.mesh)
+    probs_fn = jax.jit(predict, compiler_options=steps.compiler_options(m.graph))
     probs = np.asarray(jax.device_get(probs_fn(m.state, jnp.asarray(images))))
     names = list(m.dataset_info.get("class_names") or info.class_names or [])
     k = min(top_k, probs.shape[-1])

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flax_resnet import parallel
+from flax_resnet import native, parallel
 from flax_resnet.training.state import ModelGraph, TrainState
 
 Batch = dict[str, jax.Array]
@@ -153,6 +153,23 @@ def compiler_options(graph: ModelGraph) -> dict[str, str] | None:
     return dict(CPU_COMPILER_OPTIONS)
 
 
+def with_native_convs(fn, mesh):
+    """``fn`` traced with :mod:`flax_resnet.native`'s CPU convolutions only on a one-device mesh.
+
+    The native kernels are custom calls that XLA's SPMD partitioner does not split: on a mesh
+    of several devices it would gather the whole batch onto each. There the steps use XLA's
+    convolutions (the same values up to float rounding).
+    """
+    on = mesh.devices.size == 1
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with native.enabled(on):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
 def jit_train_step(
     mesh,
     *,
@@ -169,7 +186,7 @@ def jit_train_step(
         num_classes=num_classes, label_smoothing=label_smoothing, compute_dtype=compute_dtype,
     )
     rep, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
-    return jax.jit(fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0,
+    return jax.jit(with_native_convs(fn, mesh), in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0,
                    compiler_options=compiler_options(graph))
 
 
@@ -177,7 +194,8 @@ def jit_eval_step(mesh, *, graph: ModelGraph, num_classes: int, compute_dtype: A
     """``eval_step`` jitted: state replicated, batch sharded, sums replicated."""
     fn = functools.partial(eval_step, graph=graph, num_classes=num_classes, compute_dtype=compute_dtype)
     rep, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
-    return jax.jit(fn, in_shardings=(rep, data), out_shardings=rep, compiler_options=compiler_options(graph))
+    return jax.jit(with_native_convs(fn, mesh), in_shardings=(rep, data), out_shardings=rep,
+                   compiler_options=compiler_options(graph))
 
 
 def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:

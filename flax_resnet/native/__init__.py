@@ -1,0 +1,208 @@
+"""Native CPU convolutions: direct float32 kernels behind XLA's FFI, built on first use.
+
+XLA:CPU's convolutions (Eigen's, or YNNPACK's) run the narrow 3x3 convolutions of residual
+networks at well under half of this CPU's FMA peak (BUILD_NOTES.md, "Performance"). The
+kernels in ``conv_kernels.h`` are register-blocked direct convolutions for NHWC/HWIO float32
+(forward and kernel gradient; the input gradient is a forward convolution of the output
+gradient), vectorised with GCC vector extensions for whatever the host has (AVX2, AVX-512) and
+threaded on XLA's own intra-op pool. :mod:`flax_resnet.models.blocks` calls them through
+:func:`conv_forward` and :func:`conv_wgrad` where :func:`supports` says so, and XLA's
+convolutions everywhere else.
+
+The shared library is compiled once per source, compiler flags and CPU (``-march=native``)
+with the host's C++ compiler (``$CXX``, else ``c++``/``g++``) into
+``$XDG_CACHE_HOME/flax_resnet/native`` (``~/.cache/...``; ``FLAX_RESNET_NATIVE_DIR``
+overrides) and loaded from there afterwards. Without a compiler, or with
+``FLAX_RESNET_NO_NATIVE_CONV=1``, :func:`available` is False and every convolution is XLA's
+(one warning says why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from flax_resnet import parallel
+
+ENV_DISABLE = "FLAX_RESNET_NO_NATIVE_CONV"
+ENV_DIR = "FLAX_RESNET_NATIVE_DIR"
+_SOURCES = ("conv_cpu.cc", "conv_kernels.h")
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
+_TARGETS = {"forward": "flax_resnet_conv_forward", "wgrad": "flax_resnet_conv_wgrad"}
+
+_lock = threading.Lock()
+_state: dict = {}  # "lanes": int once loaded; "error": str once it failed
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(dict.fromkeys(lines))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def library_path(compiler: str) -> Path:
+    """Where the library for this source, compiler, flags, CPU and jaxlib lives."""
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in _SOURCES:
+        h.update((here / name).read_bytes())
+    h.update(" ".join((compiler, *_FLAGS, jax.__version__, _cpu_signature())).encode())
+    base = os.environ.get(ENV_DIR) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "flax_resnet", "native")
+    return Path(base) / f"conv_cpu-{h.hexdigest()[:16]}.so"
+
+
+def build(compiler: str, out: Path) -> None:
+    """Compiles the kernels into ``out`` (atomically: concurrent builders each write a temp file)."""
+    here = Path(__file__).parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(here / "conv_cpu.cc"), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> None:
+    if parallel._env_flag(ENV_DISABLE):
+        _state["error"] = f"{ENV_DISABLE} is set"
+        return
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    path = library_path(compiler)
+    if not path.exists():
+        build(compiler, path)
+    lib = ctypes.cdll.LoadLibrary(str(path))
+    for target, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    lib.flax_resnet_conv_lanes.restype = ctypes.c_int
+    _state["lanes"] = int(lib.flax_resnet_conv_lanes())
+    _state["path"] = str(path)
+
+
+def available() -> bool:
+    """True once the kernels are built, loaded and registered with XLA (built on the first call)."""
+    with _lock:
+        if "lanes" not in _state and "error" not in _state:
+            try:
+                _load()
+            except Exception as e:  # no compiler, a failed build, an unloadable library
+                _state["error"] = f"{type(e).__name__}: {e}"
+                warnings.warn(f"flax_resnet: native CPU convolutions unavailable, using XLA's ({_state['error']})",
+                              RuntimeWarning, stacklevel=3)
+        return "lanes" in _state
+
+
+def lanes() -> int:
+    """The vector width the kernels were compiled for (8: AVX2, 16: AVX-512); 0 if unavailable."""
+    return _state.get("lanes", 0) if available() else 0
+
+
+def status() -> dict:
+    """For benchmarks and logs: whether the kernels are in use, their library, or why not."""
+    ok = available()
+    return {"available": ok, "lanes": _state.get("lanes", 0), "library": _state.get("path"),
+            "error": _state.get("error")}
+
+
+# Shapes the kernels serve: at most this many channels (in or out) per operation, at least 8 in.
+# Measured on a 2-core AVX2 host against XLA:CPU's own convolutions (BUILD_NOTES.md,
+# "Performance"): the forward kernel wins up to 256 channels (3x3: 1.2-1.7x), the kernel
+# gradient up to 128 (1.2-2.8x); beyond, XLA's are as fast or faster. With fewer than 8 input
+# channels (an RGB stem) the kernel's inner loop is too short.
+MAX_CHANNELS = {"forward": 256, "wgrad": 128}
+MIN_IN_CHANNELS = 8
+
+_tracing_enabled = threading.local()
+
+
+class enabled:
+    """``with native.enabled(False):`` traces convolutions without the native kernels.
+
+    The kernels are single-device custom calls: XLA's SPMD partitioner would gather a sharded
+    batch onto every device to run them. :func:`flax_resnet.training.steps.jit_train_step` (and
+    the eval/predict steps) therefore trace with them only on a one-device mesh.
+    """
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        self.prev = getattr(_tracing_enabled, "on", True)
+        _tracing_enabled.on = self.on
+
+    def __exit__(self, *exc):
+        _tracing_enabled.on = self.prev
+
+
+def supports(x_shape, kernel_shape, dtype, op: str = "forward") -> bool:
+    """Whether ``op`` ("forward" or "wgrad") of a convolution of NHWC ``x_shape`` with HWIO
+    ``kernel_shape`` runs natively (CPU backend, float32, channel counts the kernels serve)."""
+    if not getattr(_tracing_enabled, "on", True) or jnp.dtype(dtype) != jnp.float32:
+        return False
+    if jax.default_backend() != "cpu" or len(x_shape) != 4 or len(kernel_shape) != 4:
+        return False
+    cin, cout = kernel_shape[2], kernel_shape[3]
+    if cin < MIN_IN_CHANNELS or max(cin, cout) > MAX_CHANNELS[op]:
+        return False
+    return available() and cout % _state["lanes"] == 0
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError(f"flax_resnet native convolutions unavailable: {_state['error']}")
+
+
+def conv_forward(x: jax.Array, kernel: jax.Array, stride: int, pads) -> jax.Array:
+    """``y = conv(x, kernel)``: NHWC x HWIO, ``pads = ((top, bottom), (left, right))`` of zeros."""
+    _require()
+    (pt, pb), (pl, pr) = pads
+    n, h, w, _ = x.shape
+    kh, kw, _, co = kernel.shape
+    oh, ow = (h + pt + pb - kh) // stride + 1, (w + pl + pr - kw) // stride + 1
+    out = jax.ShapeDtypeStruct((n, oh, ow, co), jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS["forward"], out, vmap_method="sequential")(
+        x, kernel, stride=stride, pt=pt, pb=pb, pl=pl, pr=pr)
+
+
+def conv_wgrad(x: jax.Array, g: jax.Array, kernel_hw, stride: int, pads) -> jax.Array:
+    """The kernel gradient of :func:`conv_forward` for the output cotangent ``g``: HWIO."""
+    _require()
+    (pt, pb), (pl, pr) = pads
+    kh, kw = kernel_hw
+    out = jax.ShapeDtypeStruct((kh, kw, x.shape[3], g.shape[3]), jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS["wgrad"], out, vmap_method="sequential")(
+        x, g, kh=kh, kw=kw, stride=stride, pt=pt, pb=pb, pl=pl, pr=pr)
+
+
+__all__ = ["available", "build", "conv_forward", "conv_wgrad", "enabled", "lanes", "library_path", "status",
+           "supports", "MAX_CHANNELS", "MIN_IN_CHANNELS"]
