@@ -68,11 +68,19 @@ def test_kernels_reject_shapes_they_do_not_serve():
     x = jnp.ones((1, 8, 8, 16), jnp.float32)
     with pytest.raises(Exception, match="multiple of the vector width"):
         jax.block_until_ready(native.conv_forward(x, jnp.ones((3, 3, 16, native.lanes() + 1)), 1, ((1, 1), (1, 1))))
+    with pytest.raises(ValueError, match="window does not fit"):  # a window larger than the padded input
+        jax.block_until_ready(native.conv_forward(x[:, :1], jnp.ones((3, 3, 16, native.lanes())), 2, ((0, 1), (1, 1))))
+    empty = jnp.ones((0, 8, 8, 16), jnp.float32)
+    k = jnp.ones((3, 3, 16, native.lanes()), jnp.float32)
+    assert native.conv_forward(empty, k, 1, ((1, 1), (1, 1))).shape == (0, 8, 8, native.lanes())
+    chex.assert_trees_all_equal(native.conv_wgrad(empty, jnp.ones((0, 8, 8, native.lanes())), (3, 3), 1, ((1, 1), (1, 1))),
+                                jnp.zeros_like(k))
     assert not native.supports((1, 8, 8, 3), (7, 7, 3, 64), jnp.float32)       # RGB stem: XLA's
     assert not native.supports((1, 8, 8, 16), (3, 3, 16, 16), jnp.bfloat16)    # float32 only
+    assert not native.supports((1, 8, 8, 16), (3, 3, 16, 16), jnp.float32, jnp.bfloat16)  # every operand
     assert not native.supports((1, 8, 8, 512), (3, 3, 512, 512), jnp.float32)  # wide: XLA's is as fast
     assert native.supports((1, 8, 8, 256), (3, 3, 256, 256), jnp.float32)
-    assert not native.supports((1, 8, 8, 256), (3, 3, 256, 256), jnp.float32, "wgrad")
+    assert not native.supports((1, 8, 8, 256), (3, 3, 256, 256), jnp.float32, op="wgrad")
     assert native.supports((1, 8, 8, 16), (3, 3, 16, 16), jnp.float32)
     with native.enabled(False):
         assert not native.supports((1, 8, 8, 16), (3, 3, 16, 16), jnp.float32)
@@ -84,12 +92,13 @@ def _loss(module, x):
     return jnp.sum(y * jnp.cos(y))
 
 
-@pytest.mark.parametrize("cin,cout,stride,size", [
-    (16, 16, 1, 9),   # forward, input gradient (flipped kernel) and kernel gradient all native
-    (16, 32, 2, 8),   # stride 2, even: the sub-pixel input gradient's 2x1/1x2/2x2 parts native
-    (16, 32, 2, 9),   # stride 2, odd: native forward and kernel gradient, XLA's input gradient
+# native forward calls: the jitted forward, the forward inside the gradient, then the input gradient's
+@pytest.mark.parametrize("cin,cout,stride,size,calls", [
+    (16, 16, 1, 9, 3),   # the input gradient is one forward convolution with the flipped kernel
+    (16, 32, 2, 8, 5),   # stride 2, even: the sub-pixel input gradient's 2x1/1x2/2x2 parts (1x1: a matmul)
+    (16, 32, 2, 9, 2),   # stride 2, odd: XLA's input gradient
 ])
-def test_model_convolutions_use_the_kernels_and_match_xla(cin, cout, stride, size):
+def test_model_convolutions_use_the_kernels_and_match_xla(cin, cout, stride, size, calls):
     from unittest import mock
 
     fast = blocks.Layers(nnx.Rngs(0)).conv(cin, cout, 3, stride)
@@ -99,7 +108,7 @@ def test_model_convolutions_use_the_kernels_and_match_xla(cin, cout, stride, siz
          mock.patch.object(native, "conv_wgrad", wraps=native.conv_wgrad) as wgrad:
         y = jax.jit(lambda x: fast(x))(x)
         g_fast = jax.jit(nnx.grad(_loss, argnums=(0, 1)))(fast, x)
-    assert fwd.call_count >= (2 if size % 2 == 0 or stride == 1 else 1) and wgrad.call_count == 1
+    assert fwd.call_count == calls and wgrad.call_count == 1
     chex.assert_trees_all_close(y, plain(x), atol=1e-5, rtol=1e-5)
     g_plain = nnx.grad(_loss, argnums=(0, 1))(plain, x)
     scale = float(jnp.max(jnp.abs(g_plain[0].kernel[...])))

@@ -176,7 +176,7 @@ CONV_IMPLS = ("auto", "xla")
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, pads) -> jax.Array:
     """NHWC x HWIO convolution with zero ``pads = ((top, bottom), (left, right))``: the native CPU
     kernel where :func:`flax_resnet.native.supports` the shape, else ``lax.conv_general_dilated``."""
-    if native.supports(x.shape, kernel.shape, jnp.result_type(x, kernel)):
+    if native.supports(x.shape, kernel.shape, x.dtype, kernel.dtype):
         return native.conv_forward(x, kernel, stride, pads)
     return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -203,7 +203,7 @@ def conv_weight_grad(x: jax.Array, g: jax.Array, kernel_shape, stride: int, pad:
     """
     n, h, w, c = x.shape
     k = kernel_shape[0]
-    if native.supports(x.shape, kernel_shape, jnp.result_type(x, g), "wgrad"):
+    if native.supports(x.shape, kernel_shape, x.dtype, g.dtype, op="wgrad"):
         return native.conv_wgrad(x, g, (k, k), stride, ((pad, pad), (pad, pad)))
     xt = channel_major(x.reshape(-1, c)).reshape(c, n, h, w)
     # High padding so that the dilated g window fits exactly (PyTorch's floor for strided convs).
@@ -216,7 +216,9 @@ def conv_weight_grad(x: jax.Array, g: jax.Array, kernel_shape, stride: int, pad:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_kxk(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-    """``lax.conv_general_dilated`` (NHWC, HWIO, symmetric padding) with :func:`conv_weight_grad`."""
+    """:func:`conv2d` (NHWC, HWIO, symmetric padding) with :func:`conv_weight_grad` and
+    :func:`conv_input_grad` as its backward pass (native kernels where they serve the shape, so
+    differentiable once: a gradient of a gradient needs ``conv_impl="xla"``)."""
     return conv2d(x, kernel, stride, ((pad, pad), (pad, pad)))
 
 
@@ -231,7 +233,7 @@ def conv_input_grad(x: jax.Array, g: jax.Array, kernel: jax.Array, stride: int, 
         return _stride2_input_grad(g, kernel)
     k = kernel.shape[0]
     flipped = kernel[::-1, ::-1].swapaxes(2, 3)  # HWIO of the transposed convolution
-    if stride == 1 and pad <= k - 1 and native.supports(g.shape, flipped.shape, jnp.result_type(g, kernel)):
+    if stride == 1 and pad <= k - 1 and native.supports(g.shape, flipped.shape, g.dtype, kernel.dtype):
         q = k - 1 - pad
         return native.conv_forward(g, flipped, 1, ((q, q), (q, q)))
     return jax.vjp(lambda xx: _conv(xx, kernel, stride, pad), x)[1](g)[0]

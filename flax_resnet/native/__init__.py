@@ -12,9 +12,11 @@ convolutions everywhere else.
 The shared library is compiled once per source, compiler flags and CPU (``-march=native``)
 with the host's C++ compiler (``$CXX``, else ``c++``/``g++``) into
 ``$XDG_CACHE_HOME/flax_resnet/native`` (``~/.cache/...``; ``FLAX_RESNET_NATIVE_DIR``
-overrides) and loaded from there afterwards. Without a compiler, or with
-``FLAX_RESNET_NO_NATIVE_CONV=1``, :func:`available` is False and every convolution is XLA's
-(one warning says why).
+overrides) and loaded from there afterwards. Without a compiler (or when the build fails:
+one ``RuntimeWarning`` says why), or with ``FLAX_RESNET_NO_NATIVE_CONV=1``, :func:`available`
+is False and every convolution is XLA's. The kernels have no JAX differentiation rules of
+their own: they sit inside ``custom_vjp`` rules (``blocks.conv_kxk``), so first derivatives
+work and higher ones (a gradient of a gradient, ``jax.jvp``) need ``conv_impl="xla"``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 
 from flax_resnet import parallel
 
@@ -62,13 +65,20 @@ def _compiler() -> str | None:
     return None
 
 
+def _compiler_version(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return compiler
+
+
 def library_path(compiler: str) -> Path:
-    """Where the library for this source, compiler, flags, CPU and jaxlib lives."""
+    """Where the library for this source, compiler (its ``--version``), flags, CPU and jaxlib lives."""
     here = Path(__file__).parent
     h = hashlib.sha256()
     for name in _SOURCES:
         h.update((here / name).read_bytes())
-    h.update(" ".join((compiler, *_FLAGS, jax.__version__, _cpu_signature())).encode())
+    h.update(" ".join((_compiler_version(compiler), *_FLAGS, jaxlib.__version__, _cpu_signature())).encode())
     base = os.environ.get(ENV_DIR) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "flax_resnet", "native")
     return Path(base) / f"conv_cpu-{h.hexdigest()[:16]}.so"
@@ -78,7 +88,7 @@ def build(compiler: str, out: Path) -> None:
     """Compiles the kernels into ``out`` (atomically: concurrent builders each write a temp file)."""
     here = Path(__file__).parent
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
     os.close(fd)
     cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(here / "conv_cpu.cc"), "-o", tmp]
     try:
@@ -164,10 +174,11 @@ class enabled:
         _tracing_enabled.on = self.prev
 
 
-def supports(x_shape, kernel_shape, dtype, op: str = "forward") -> bool:
+def supports(x_shape, kernel_shape, *dtypes, op: str = "forward") -> bool:
     """Whether ``op`` ("forward" or "wgrad") of a convolution of NHWC ``x_shape`` with HWIO
-    ``kernel_shape`` runs natively (CPU backend, float32, channel counts the kernels serve)."""
-    if not getattr(_tracing_enabled, "on", True) or jnp.dtype(dtype) != jnp.float32:
+    ``kernel_shape`` and operands of ``dtypes`` runs natively (CPU backend, every operand
+    float32, channel counts the kernels serve)."""
+    if not getattr(_tracing_enabled, "on", True) or any(jnp.dtype(d) != jnp.float32 for d in dtypes):
         return False
     if jax.default_backend() != "cpu" or len(x_shape) != 4 or len(kernel_shape) != 4:
         return False
@@ -188,6 +199,8 @@ def conv_forward(x: jax.Array, kernel: jax.Array, stride: int, pads) -> jax.Arra
     (pt, pb), (pl, pr) = pads
     n, h, w, _ = x.shape
     kh, kw, _, co = kernel.shape
+    if h + pt + pb < kh or w + pl + pr < kw:
+        raise ValueError(f"conv_forward: a {kh}x{kw} window does not fit the padded {h}x{w} input (pads {pads})")
     oh, ow = (h + pt + pb - kh) // stride + 1, (w + pl + pr - kw) // stride + 1
     out = jax.ShapeDtypeStruct((n, oh, ow, co), jnp.float32)
     return jax.ffi.ffi_call(_TARGETS["forward"], out, vmap_method="sequential")(

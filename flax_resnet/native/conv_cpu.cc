@@ -8,6 +8,7 @@
 // use by flax_resnet/native/__init__.py with the host's C++ compiler.
 #include <atomic>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <thread>
 
@@ -52,11 +53,16 @@ fr::Geometry geometry(ffi::Span<const int64_t> x, int64_t kh, int64_t kw, int64_
 }
 
 ffi::Error check(const fr::Geometry& g) {
-  if (g.co % fr::kLanes != 0)
+  if (g.co % fr::kLanes != 0 || g.co < 1)
     return ffi::Error::InvalidArgument("flax_resnet conv: output channels must be a multiple of the vector width");
-  if (g.stride < 1 || g.oh() < 1 || g.ow() < 1 || g.pt < 0 || g.pb < 0 || g.pl < 0 || g.pr < 0)
-    return ffi::Error::InvalidArgument("flax_resnet conv: bad stride, padding or window");
+  if (g.stride < 1 || g.kh < 1 || g.kw < 1 || g.c < 1 || g.pt < 0 || g.pb < 0 || g.pl < 0 || g.pr < 0 ||
+      g.h + g.pt + g.pb < g.kh || g.w + g.pl + g.pr < g.kw)
+    return ffi::Error::InvalidArgument("flax_resnet conv: bad stride, padding, window or channel count");
   return ffi::Error::Success();
+}
+
+bool dims_are(ffi::Span<const int64_t> d, std::initializer_list<int64_t> want) {
+  return d.size() == want.size() && std::equal(want.begin(), want.end(), d.begin());
 }
 
 ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -66,6 +72,9 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     return ffi::Error::InvalidArgument("flax_resnet conv: x must be NHWC and w HWIO with matching C");
   const fr::Geometry g = geometry(x.dimensions(), wd[0], wd[1], wd[3], stride, pt, pb, pl, pr);
   if (ffi::Error e = check(g); e.failure()) return e;
+  if (!dims_are(y->dimensions(), {g.n, g.oh(), g.ow(), g.co}))
+    return ffi::Error::InvalidArgument("flax_resnet conv: the output buffer does not match the convolution");
+  if (g.n == 0) return ffi::Error::Success();
   const float* xp = x.typed_data();
   std::vector<float> packed(wd[0] * wd[1] * wd[2] * wd[3]);
   fr::pack_weights(w.typed_data(), g, packed.data());
@@ -94,15 +103,22 @@ ffi::Error ConvWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   if (ffi::Error e = check(g); e.failure()) return e;
   if (gd[0] != g.n || gd[1] != g.oh() || gd[2] != g.ow())
     return ffi::Error::InvalidArgument("flax_resnet conv wgrad: g does not match the convolution's output");
+  if (!dims_are(dw->dimensions(), {kh, kw, g.c, g.co}))
+    return ffi::Error::InvalidArgument("flax_resnet conv wgrad: the output buffer does not match the kernel");
   const float* xp = x.typed_data();
   const float* gp = gy.typed_data();
   const int64_t size = kh * kw * g.c * g.co, image_in = g.h * g.w * g.c, image_out = g.oh() * g.ow() * g.co;
+  float* out = dw->typed_data();
+  if (g.n == 0) {
+    std::fill(out, out + size, 0.0f);
+    return ffi::Error::Success();
+  }
   // Chunks of images, each summed into its own partial in image order, the partials then added
   // in chunk order: the same sums whatever thread runs which chunk. The chunk count depends on
-  // the shape and the pool's size only (at least 8 where the batch allows, at most 64 MB of
-  // partials), so a run repeats bit for bit on the same machine.
+  // the shape only (16 where the batch allows, at most 64 MB of partials), not on the threads:
+  // the same bits on any machine with the same vector width.
   const int64_t by_memory = std::max<int64_t>(1, (int64_t{64} << 20) / (size * int64_t{sizeof(float)}));
-  const int64_t chunks = std::min({g.n, std::max<int64_t>(8, pool.num_threads()), by_memory});
+  const int64_t chunks = std::min({g.n, int64_t{16}, by_memory});
   std::vector<float> partial(chunks * size, 0.0f);
   parallel_for(pool, chunks, [&](int64_t k) {
     thread_local std::vector<float> scratch;
@@ -110,7 +126,6 @@ ffi::Error ConvWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
     for (int64_t n = k * g.n / chunks; n < (k + 1) * g.n / chunks; ++n)
       fr::wgrad_image(xp + n * image_in, gp + n * image_out, acc, g, scratch);
   });
-  float* out = dw->typed_data();
   for (int64_t e = 0; e < size; ++e) {
     float s = partial[e];
     for (int64_t k = 1; k < chunks; ++k) s += partial[k * size + e];

@@ -88,7 +88,7 @@ static inline void forward_tile(const float* xs, const int64_t* off, int64_t xro
   vf acc[P][NV] = {};
   const int64_t c = g.c, co = g.co;
   int64_t o[P];
-#pragma GCC unroll 16
+#pragma GCC unroll 32
   for (int p = 0; p < P; ++p) o[p] = off[p];
   for (int64_t i = 0; i < g.kh; ++i) {
     for (int64_t j = 0; j < g.kw; ++j) {
@@ -98,7 +98,7 @@ static inline void forward_tile(const float* xs, const int64_t* off, int64_t xro
         vf wv[NV];
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) wv[v] = load(wp + (ci * NV + v) * kLanes);
-#pragma GCC unroll 16
+#pragma GCC unroll 32
         for (int p = 0; p < P; ++p) {
           const float s = xp[o[p] + ci];
 #pragma GCC unroll 4
@@ -107,7 +107,7 @@ static inline void forward_tile(const float* xs, const int64_t* off, int64_t xro
       }
     }
   }
-#pragma GCC unroll 16
+#pragma GCC unroll 32
   for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) store(y + p * co + v * kLanes, acc[p][v]);
@@ -175,7 +175,7 @@ static inline void wgrad_tile(const float* xs /* padded rows, at (i, j, c0) of r
                               float* acc_out) {
   vf acc[R][NV];
   const int64_t co = g.co, sc = g.stride * g.c, ow = g.ow(), srow = g.stride * xrow;
-#pragma GCC unroll 16
+#pragma GCC unroll 32
   for (int k = 0; k < R; ++k)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[k][v] = load(acc_out + k * co + v * kLanes);
@@ -187,7 +187,7 @@ static inline void wgrad_tile(const float* xs /* padded rows, at (i, j, c0) of r
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) gv[v] = load(gr + q * co + v * kLanes);
       const float* xp = xr + q * sc;
-#pragma GCC unroll 16
+#pragma GCC unroll 32
       for (int k = 0; k < R; ++k) {
         const float s = xp[k];
 #pragma GCC unroll 4
@@ -195,7 +195,7 @@ static inline void wgrad_tile(const float* xs /* padded rows, at (i, j, c0) of r
       }
     }
   }
-#pragma GCC unroll 16
+#pragma GCC unroll 32
   for (int k = 0; k < R; ++k)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) store(acc_out + k * co + v * kLanes, acc[k][v]);
