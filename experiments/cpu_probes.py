@@ -5,6 +5,7 @@
                                                     # our gradient formulations vs alternatives, in the real step (A/B)
     python experiments/cpu_probes.py batchnorm --model resnet20 --batch 128
                                                     # BatchNorm: our backward vs NNX's autodiff vs no statistics (bound), A/B
+    python experiments/cpu_probes.py native         # fwd and dW alone: XLA's vs the native kernels', GFLOP/s
     python experiments/cpu_probes.py layers         # ResNet-50's kxk convolutions one by one: fwd, dx, dW, totals
     python experiments/cpu_probes.py winograd       # 3x3 convs by Winograd F(2x2,3x3) vs XLA's own (tried, dropped)
     python experiments/cpu_probes.py reduction      # BatchNorm statistics under three YNNPACK fusion lists
@@ -245,6 +246,37 @@ def winograd(args) -> None:
                            compiler_options=steps.CPU_COMPILER_OPTIONS)
             line.append(f"{name} {flops / _best_ms(fwd, x, k) / 1e6:.0f} / {3 * flops / _best_ms(both, x, k) / 1e6:.0f}")
         print(" ".join(line), flush=True)
+
+
+def native_ops(args) -> None:
+    """Each operation alone: XLA's forward and kernel gradients (autodiff, and the channel-major
+    one "auto" used before the native kernels) beside the native kernels', 3x3 stride 1."""
+    import jax
+
+    from flax_resnet import native
+    from flax_resnet.models import blocks
+    from flax_resnet.training import steps
+
+    if not native.available():
+        raise RuntimeError(f"native kernels unavailable: {native.status()['error']}")
+    opts, pads = steps.CPU_COMPILER_OPTIONS, ((1, 1), (1, 1))
+    for n, h, cin, cout in CONV_SHAPES:
+        x = jax.random.normal(jax.random.key(0), (n, h, h, cin))
+        k = jax.random.normal(jax.random.key(1), (3, 3, cin, cout))
+        g = jax.random.normal(jax.random.key(2), (n, h, h, cout))
+        gflop = 2 * n * h * h * cin * cout * 9 / 1e6  # per ms
+        with native.enabled(False):  # traced here: the "before" paths must not pick up the kernels
+            variants = {
+                "fwd XLA": (jax.jit(lambda x, k: blocks._conv(x, k, 1, 1), compiler_options=opts), x, k),
+                "fwd native": (jax.jit(lambda x, k: native.conv_forward(x, k, 1, pads)), x, k),
+                "dW XLA autodiff": (jax.jit(lambda x, g: jax.vjp(lambda kk: blocks._conv(x, kk, 1, 1), k)[1](g)[0],
+                                            compiler_options=opts), x, g),
+                "dW channel-major": (jax.jit(lambda x, g: blocks.conv_weight_grad(x, g, k.shape, 1, 1),
+                                             compiler_options=opts), x, g),
+                "dW native": (jax.jit(lambda x, g: native.conv_wgrad(x, g, (3, 3), 1, pads)), x, g),
+            }
+            rates = [f"{name} {gflop / _best_ms(fn, a, b, repeats=7):.0f}" for name, (fn, a, b) in variants.items()]
+        print(f"3x3 {cin}->{cout} @{h}x{h} b{n} GFLOP/s: " + "; ".join(rates), flush=True)
 
 
 def _torch_conv(n, h, cin, cout, flops) -> str:
@@ -517,6 +549,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="probe", required=True)
     sub.add_parser("convs", help="3x3 convolution GFLOP/s")
+    sub.add_parser("native", help="forward and kernel gradient alone: XLA's vs the native kernels'")
     sub.add_parser("layers", help="ResNet-50's kxk convolutions one by one")
     sub.add_parser("winograd", help="3x3 convolutions by Winograd F(2x2,3x3) vs XLA's own")
     sub.add_parser("reduction", help="BatchNorm statistics vs YNNPACK fusion lists")
@@ -539,7 +572,7 @@ def main(argv=None) -> int:
             q.add_argument("--options", nargs="*", default=(), metavar="NAME=VALUE[+NAME=VALUE]",
                            help="more variants: our fusion list plus these XLA:CPU compiler options")
     args = p.parse_args(argv)
-    {"convs": convs, "layers": layers, "winograd": winograd, "reduction": reduction, "profile": profile,
+    {"convs": convs, "native": native_ops, "layers": layers, "winograd": winograd, "reduction": reduction, "profile": profile,
      "conditioning": conditioning, "fusions": fusions, "weightgrads": weightgrads,
      "batchnorm": batchnorm, "faults": faults}[args.probe](args)
     return 0

@@ -166,6 +166,12 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def user_cache_dir(*parts: str) -> str:
+    """``$XDG_CACHE_HOME/flax_resnet/<parts>`` (``~/.cache/flax_resnet/...``): where our caches live."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "flax_resnet", *parts)
+
+
 def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> str | None:
     """Turns on JAX's persistent compilation cache, unless it is already configured or disabled.
 
@@ -185,8 +191,7 @@ def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> str 
     if _env_flag(ENV_NO_COMPILATION_CACHE):
         return None
     if cache_dir is None:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        cache_dir = os.path.join(base, "flax_resnet", "jax")
+        cache_dir = user_cache_dir("jax")
     cache_dir = os.fspath(cache_dir)
     try:
         os.makedirs(cache_dir, exist_ok=True)

@@ -192,6 +192,17 @@ def test_unknown_script_flag_is_an_error(capsys):
     assert e.value.code == 2 and "--no-such-flag" in capsys.readouterr().err
 
 
+def test_cpu_probes_native_times_each_operation(capsys, monkeypatch):
+    probes = load_script("cpu_probes")
+    monkeypatch.setattr(probes, "CONV_SHAPES", ((8, 16, 16, 16),))
+    assert probes.main(["native"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("3x3 16->16 @16x16 b8")]
+    assert len(lines) == 1
+    rates = dict(part.strip().rsplit(" ", 1) for part in lines[0].split(": ", 1)[1].split(";"))
+    assert set(rates) == {"fwd XLA", "fwd native", "dW XLA autodiff", "dW channel-major", "dW native"}, lines[0]
+    assert all(int(r) > 0 for r in rates.values())
+
+
 def test_cpu_probes_reduction_prints_one_timed_line_per_shape(capsys):
     import re
 

@@ -165,7 +165,7 @@ batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 # batch-sharded contraction under GSPMD), fed from that copy; a 1x1 kernel gradient is one
 # transposed-operand matmul. The input gradient of a 3x3 stride-2 convolution is computed per
 # output parity (sub-pixel) instead of as XLA's dilated transposed convolution.
-# Where flax_resnet.native serves the shape (float32, 8-256 channels; kernel gradients up to 128),
+# Where flax_resnet.native serves the shape (float32, 8-256 channels; kernel gradients up to 64),
 # the forward convolution, the stride-1 input gradient (a forward convolution of g with the
 # flipped kernel), the sub-pixel parts and the kernel gradient run as its direct CPU kernels
 # instead of XLA's convolutions, which reach well under half of the FMA peak at these widths.
@@ -178,13 +178,16 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, pads) -> jax.Array:
     kernel where :func:`flax_resnet.native.supports` the shape, else ``lax.conv_general_dilated``."""
     if native.supports(x.shape, kernel.shape, x.dtype, kernel.dtype):
         return native.conv_forward(x, kernel, stride, pads)
+    return _lax_conv(x, kernel, stride, pads)
+
+
+def _lax_conv(x: jax.Array, kernel: jax.Array, stride: int, pads) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
     """XLA's convolution with symmetric padding (differentiable by JAX, unlike the native kernels)."""
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return _lax_conv(x, kernel, stride, ((pad, pad), (pad, pad)))
 
 
 def channel_major(x2d: jax.Array) -> jax.Array:
@@ -223,7 +226,7 @@ def conv_kxk(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Arra
 
 
 def _conv_kxk_fwd(x, kernel, stride, pad):
-    return conv_kxk(x, kernel, stride, pad), (x, kernel)
+    return conv2d(x, kernel, stride, ((pad, pad), (pad, pad))), (x, kernel)
 
 
 def conv_input_grad(x: jax.Array, g: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
@@ -231,11 +234,10 @@ def conv_input_grad(x: jax.Array, g: jax.Array, kernel: jax.Array, stride: int, 
     convolutions of even-sized inputs, which go through :func:`_stride2_input_grad`."""
     if stride == 2 and pad == 1 and kernel.shape[:2] == (3, 3) and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
         return _stride2_input_grad(g, kernel)
-    k = kernel.shape[0]
-    flipped = kernel[::-1, ::-1].swapaxes(2, 3)  # HWIO of the transposed convolution
-    if stride == 1 and pad <= k - 1 and native.supports(g.shape, flipped.shape, g.dtype, kernel.dtype):
-        q = k - 1 - pad
-        return native.conv_forward(g, flipped, 1, ((q, q), (q, q)))
+    k, _, cin, cout = kernel.shape
+    if stride == 1 and pad <= k - 1 and native.supports(g.shape, (k, k, cout, cin), g.dtype, kernel.dtype):
+        q = k - 1 - pad  # a forward convolution of g with the flipped kernel, I and O swapped
+        return native.conv_forward(g, kernel[::-1, ::-1].swapaxes(2, 3), 1, ((q, q), (q, q)))
     return jax.vjp(lambda xx: _conv(xx, kernel, stride, pad), x)[1](g)[0]
 
 

@@ -79,9 +79,7 @@ def library_path(compiler: str) -> Path:
     for name in _SOURCES:
         h.update((here / name).read_bytes())
     h.update(" ".join((_compiler_version(compiler), *_FLAGS, jaxlib.__version__, _cpu_signature())).encode())
-    base = os.environ.get(ENV_DIR) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "flax_resnet", "native")
-    return Path(base) / f"conv_cpu-{h.hexdigest()[:16]}.so"
+    return Path(os.environ.get(ENV_DIR) or parallel.user_cache_dir("native")) / f"conv_cpu-{h.hexdigest()[:16]}.so"
 
 
 def build(compiler: str, out: Path) -> None:
@@ -145,11 +143,12 @@ def status() -> dict:
 
 
 # Shapes the kernels serve: at most this many channels (in or out) per operation, at least 8 in.
-# Measured on a 2-core AVX2 host against XLA:CPU's own convolutions (BUILD_NOTES.md,
-# "Performance"): the forward kernel wins up to 256 channels (3x3: 1.2-1.7x), the kernel
-# gradient up to 128 (1.2-2.8x); beyond, XLA's are as fast or faster. With fewer than 8 input
-# channels (an RGB stem) the kernel's inner loop is too short.
-MAX_CHANNELS = {"forward": 256, "wgrad": 128}
+# Measured on a 2-core AVX2 host against XLA:CPU's own convolutions (`cpu_probes.py native`;
+# BUILD_NOTES.md, "Performance"): the forward kernel wins up to 256 channels (3x3: 1.1-2.2x),
+# the kernel gradient up to 64 (1.0-4.4x against the channel-major gradient "auto" uses
+# otherwise); beyond, XLA's are as fast or faster. With fewer than 8 input channels (an RGB
+# stem) the kernel's inner loop is too short.
+MAX_CHANNELS = {"forward": 256, "wgrad": 64}
 MIN_IN_CHANNELS = 8
 
 _tracing_enabled = threading.local()

@@ -201,12 +201,13 @@ static inline void wgrad_tile(const float* xs /* padded rows, at (i, j, c0) of r
     for (int v = 0; v < NV; ++v) store(acc_out + k * co + v * kLanes, acc[k][v]);
 }
 
+// wgrad_tile<R, NV> for a run-time R in [1, kGradRows].
 template <int NV, int R = kGradRows>
-static inline void wgrad_tail(const float* xs, int64_t xrow, const float* gimg, int64_t rows, const Geometry& g,
+static inline void wgrad_tile_n(const float* xs, int64_t xrow, const float* gimg, int64_t rows, const Geometry& g,
                               float* acc_out, int64_t left) {
   if constexpr (R > 0) {
     if (left == R) return wgrad_tile<R, NV>(xs, xrow, gimg, rows, g, acc_out);
-    return wgrad_tail<NV, R - 1>(xs, xrow, gimg, rows, g, acc_out, left);
+    return wgrad_tile_n<NV, R - 1>(xs, xrow, gimg, rows, g, acc_out, left);
   }
 }
 
@@ -219,9 +220,8 @@ static void wgrad_image(const float* img, const float* gimg, float* dw, const Ge
   pad_rows(img, g, 0, ph, scratch.data());
   // Output rows per block: about 128 pixels, so the block's g and x stay in L1/L2.
   const int64_t block = std::max<int64_t>(1, 128 / ow);
-  constexpr int R = kGradRows;
   std::vector<int64_t> crun;
-  balanced_runs(c, R, crun);
+  balanced_runs(c, kGradRows, crun);
   for (int64_t r0 = 0; r0 < oh; r0 += block) {
     const int64_t rows = std::min(block, oh - r0);
     const float* xb = scratch.data() + r0 * s * xrow;
@@ -233,14 +233,10 @@ static void wgrad_image(const float* img, const float* gimg, float* dw, const Ge
         int64_t c0 = 0;
         for (int64_t left : crun) {
           int64_t o = 0;
-          for (; o + 2 * kLanes <= co; o += 2 * kLanes) {
-            if (left == R) wgrad_tile<R, 2>(xij + c0, xrow, gb + o, rows, g, dwij + c0 * co + o);
-            else wgrad_tail<2>(xij + c0, xrow, gb + o, rows, g, dwij + c0 * co + o, left);
-          }
-          for (; o + kLanes <= co; o += kLanes) {
-            if (left == R) wgrad_tile<R, 1>(xij + c0, xrow, gb + o, rows, g, dwij + c0 * co + o);
-            else wgrad_tail<1>(xij + c0, xrow, gb + o, rows, g, dwij + c0 * co + o, left);
-          }
+          for (; o + 2 * kLanes <= co; o += 2 * kLanes)
+            wgrad_tile_n<2>(xij + c0, xrow, gb + o, rows, g, dwij + c0 * co + o, left);
+          for (; o + kLanes <= co; o += kLanes)
+            wgrad_tile_n<1>(xij + c0, xrow, gb + o, rows, g, dwij + c0 * co + o, left);
           c0 += left;
         }
       }
