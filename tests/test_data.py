@@ -1,4 +1,4 @@
-"""Data layer: TFDS sources (mocked, digits, synthetic array_record, image folders) and the Grain pipeline.
+"""Data layer: sources (mocked TFDS, digits, synthetic array_record), folders, info, augment, pipeline.
 
 Everything runs offline in temporary data directories; nothing here downloads.
 """
@@ -16,8 +16,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from flax_resnet import cli, data
-from flax_resnet.data import pipeline, sources, synthetic
+from flax_resnet.data import augment, preparing, sources, synthetic
 from flax_resnet.data.digits import digits_dataset_builder as digits_lib
+from flax_resnet.data.info import NORMALIZATION
 from flax_resnet.errors import DatasetNotPreparedError, UserError
 
 
@@ -26,7 +27,7 @@ def _take(it, n):
 
 
 def _denormalize(images, name):
-    mean, std = pipeline.NORMALIZATION[name]
+    mean, std = NORMALIZATION[name]
     return np.rint((images * np.float32(std) + np.float32(mean)) * 255).astype(np.int32)
 
 
@@ -137,8 +138,8 @@ def test_digits_builder_end_to_end(digits_dir):
     images = np.stack([e["image"] for e in train]).astype(np.float64) / 255
     assert images.max() == 1.0 and images.min() == 0.0
     # the normalisation constants are the train split's statistics
-    np.testing.assert_allclose(images.mean(), pipeline.NORMALIZATION["digits"][0][0], atol=1e-4)
-    np.testing.assert_allclose(images.std(), pipeline.NORMALIZATION["digits"][1][0], atol=1e-4)
+    np.testing.assert_allclose(images.mean(), NORMALIZATION["digits"][0][0], atol=1e-4)
+    np.testing.assert_allclose(images.std(), NORMALIZATION["digits"][1][0], atol=1e-4)
 
 
 def test_digits_augmentation_translates_but_never_mirrors(digits_dir):
@@ -264,7 +265,7 @@ def test_folder_dataset_prepare_skips_corrupt_files_and_reads(image_folder, tmp_
     out = capsys.readouterr().out
     assert "train 9, val 4" in summary and "skipped 3 unreadable" in summary
     assert "corrupt.jpg" in out and "truncated.jpg" in out
-    skipped = {os.path.basename(s["path"]) for s in sources.folder_skipped(name, str(tmp_path))}
+    skipped = {os.path.basename(s["path"]) for s in preparing.folder_skipped(name, str(tmp_path))}
     assert skipped == {"corrupt.jpg", "truncated.jpg", "readme.txt"}
 
     info = data.get_dataset_info(name, str(tmp_path), image_size=32)
@@ -306,7 +307,7 @@ def test_missing_val_folder_is_a_user_error(tmp_path):
 def test_random_crop_flip_is_a_padded_crop_or_its_mirror():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(32, 8, 8, 3), dtype=np.uint8)
-    out = pipeline.random_crop_flip(images, np.random.default_rng(1), pad=4, flip=True)
+    out = augment.random_crop_flip(images, np.random.default_rng(1), pad=4, flip=True)
     mirrored = 0
     for src, got in zip(images, out):
         padded = np.pad(src, ((4, 4), (4, 4), (0, 0)))
@@ -322,22 +323,22 @@ def test_inception_crop_box_respects_scale_and_ratio():
     rng = np.random.default_rng(0)
     for _ in range(200):
         w, h = (int(v) for v in rng.integers(50, 600, size=2))
-        x, y, cw, ch = pipeline.inception_crop_box(w, h, rng)
+        x, y, cw, ch = augment.inception_crop_box(w, h, rng)
         assert 0 <= x and 0 <= y and x + cw <= w and y + ch <= h
         if (cw, ch) != (w, h):
             assert 0.08 * w * h * 0.9 <= cw * ch <= w * h
             assert 3 / 4 * 0.9 <= cw / ch <= 4 / 3 * 1.1
     # an extreme panorama falls back to the widest centred box within the ratio limit
-    assert pipeline.inception_crop_box(1000, 10, np.random.default_rng(0), attempts=0) == (493, 0, 13, 10)
+    assert augment.inception_crop_box(1000, 10, np.random.default_rng(0), attempts=0) == (493, 0, 13, 10)
 
 
 def test_eval_center_crop_is_resize_256_then_crop_224():
-    assert pipeline.center_crop_box(320, 256) == (48.0, 16.0, 224.0, 224.0)
+    assert augment.center_crop_box(320, 256) == (48.0, 16.0, 224.0, 224.0)
     img = np.random.default_rng(0).integers(0, 256, size=(256, 256, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(pipeline.crop_resize(img, pipeline.center_crop_box, 224, 3), img[16:240, 16:240])
+    np.testing.assert_array_equal(augment.crop_resize(img, augment.center_crop_box, 224, 3), img[16:240, 16:240])
     jpeg = io.BytesIO()
     Image.fromarray(np.full((512, 640, 3), 90, np.uint8)).save(jpeg, format="JPEG")
-    out = pipeline.crop_resize(jpeg.getvalue(), pipeline.center_crop_box, 224, 3)  # via draft decoding
+    out = augment.crop_resize(jpeg.getvalue(), augment.center_crop_box, 224, 3)  # via draft decoding
     assert out.shape == (224, 224, 3) and abs(int(out.mean()) - 90) <= 2
 
 

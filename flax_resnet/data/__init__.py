@@ -4,18 +4,19 @@
 shuffled, per-process training batches with a saveable position, ``eval_batches``
 one padded and masked pass over the held-out split, and ``prepare`` writes a
 dataset to disk (what ``flax-resnet prepare`` runs).
+
+Modules, each depending only on those before it: ``folders`` (image-folder
+datasets), ``sources`` (names, opening prepared datasets), ``preparing`` (writing
+them), ``info`` (dataset description, normalisation, batch recipe), ``augment``
+(image transforms), ``batches`` (what each batch is), ``pipeline`` (Grain
+iterators); ``synthetic`` writes random stand-ins for tests and benchmarks.
 """
 
-from flax_resnet.data.pipeline import (
-    DatasetInfo,
-    TrainIterator,
-    eval_batches,
-    get_dataset_info,
-    num_eval_batches,
-    preprocess_for_eval,
-    train_iterator,
-)
-from flax_resnet.data.sources import prepare, prepare_command
+from flax_resnet.data.augment import preprocess_for_eval
+from flax_resnet.data.info import DatasetInfo, get_dataset_info
+from flax_resnet.data.pipeline import TrainIterator, eval_batches, num_eval_batches, train_iterator
+from flax_resnet.data.preparing import prepare
+from flax_resnet.data.sources import prepare_command
 
 __all__ = [
     "DatasetInfo",

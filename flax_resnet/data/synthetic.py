@@ -97,7 +97,7 @@ def write_synthetic(
         data_dir=sources.resolve_data_dir(data_dir),
         config=reference.builder_config.name if reference.builder_config else None,
     )
-    with sources._quiet_tfds():  # pylint: disable=protected-access
+    with sources.quiet_tfds():
         builder.download_and_prepare(file_format="array_record")
-    sources._OPEN_CACHE.clear()  # pylint: disable=protected-access
+    sources.forget()
     return str(builder.data_dir)
