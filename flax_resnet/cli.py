@@ -35,9 +35,9 @@ def _add_models(sub):
 
 
 def _cmd_models(args):
-    from flax_resnet.models import registry
+    from flax_resnet.models import summary
 
-    print(registry.format_model_table(name_filter=args.filter, with_flops=not args.no_flops))
+    print(summary.format_model_table(name_filter=args.filter, with_flops=not args.no_flops))
 
 
 # --------------------------------------------------------------------------- train / evaluate / predict
@@ -83,6 +83,7 @@ def _cmd_train(args):
     name = args.config or DEFAULT_CONFIG
     config = load_config(name, args.overrides)  # no JAX computation before this point
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    parallel.enable_compilation_cache()  # reused by resumed runs and reruns (JAX_COMPILATION_CACHE_DIR wins)
     workdir = args.workdir or str(Path("runs") / Path(name).stem)
     # Flushed: status lines reach a redirected log at once (a killed job keeps them).
     summary = train_and_evaluate(config, workdir, print_fn=lambda *a, **k: print(*a, **k, flush=True))
@@ -184,6 +185,7 @@ def _add_finetune(sub):
 
 
 def _cmd_finetune(args):
+    from flax_resnet import parallel
     from flax_resnet.configs import apply_overrides, get_config
     from flax_resnet.training.finetune import finetune
 
@@ -202,6 +204,7 @@ def _cmd_finetune(args):
                 raise UserError(f"--unfreeze-epochs {args.unfreeze_epochs!r}: give epochs like 1,2,3") from None
     config = apply_overrides(config, args.overrides)
     workdir = args.workdir or f"runs/finetune_{config.model}"
+    parallel.enable_compilation_cache()
     finetune(config, workdir)
     print(f"outputs in {workdir}: metrics.jsonl, curves.png, TensorBoard events, checkpoints/; "
           f"export with: flax-resnet convert {workdir} OUT.safetensors")
@@ -224,7 +227,7 @@ def _add_convert(sub):
 
 
 def _cmd_convert(args):
-    from flax_resnet.pretrained import convert
+    from flax_resnet.convert import convert
 
     print(convert(args.src, args.dst, model=args.model, which=args.checkpoint))
 
@@ -250,11 +253,11 @@ def _add_benchmark(sub):
     p.add_argument("--no-eval", dest="eval", action="store_false", help="skip the eval step")
     p.add_argument("--compare-torch", action="store_true", help="also time the PyTorch reference, interleaved")
     p.add_argument("--torch-compile", action="store_true", help="wrap the PyTorch model in torch.compile")
-    p.add_argument("--conv-impl", choices=("auto", "xla"), default="auto",
-                   help="auto (the default: on CPU, 1x1 convs as matmuls, kernel gradients from a channel-major copy, "
-                        "XLA's own convolutions) or xla (plain nnx.Conv, XLA defaults); same parameters")
-    p.add_argument("--compare-conv-impl", choices=("auto", "xla"), default=None,
-                   help="also time our step with this other formulation, interleaved")
+    p.add_argument("--no-cpu-fast-path", dest="cpu_fast_path", action="store_false",
+                   help="on CPU, build the model from the plain layers instead of flax_resnet.cpu's (as "
+                        "--config.cpu_fast_path=false does for training); same parameters")
+    p.add_argument("--compare-plain", action="store_true",
+                   help="also time our step built from the plain layers, interleaved")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak TFLOP/s for the fraction-of-peak figure (default: known GPUs' bf16 peak)")
     p.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
@@ -282,7 +285,7 @@ def _cmd_benchmark(args):
             model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype, steps=args.steps,
             repeats=args.repeats, warmup=args.warmup, eval=args.eval, compare_torch=args.compare_torch,
             torch_compile=args.torch_compile, in_channels=args.in_channels, num_classes=args.num_classes,
-            conv_impl=args.conv_impl, compare_conv_impl=args.compare_conv_impl,
+            cpu_fast_path=args.cpu_fast_path, compare_plain=args.compare_plain,
             peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None)
         result = benchmark.run_benchmark(cfg, log=log)
         log(benchmark.format_summary(result))
@@ -314,9 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
-    from flax_resnet import parallel
+    from flax_resnet import cpu
 
-    parallel.tune_host_allocator()  # first, before JAX starts its CPU threads (see its docstring)
+    cpu.tune_host_allocator()  # first, before JAX starts its CPU threads (see its docstring)
     try:
         status = args.func(args)
     except UserError as e:

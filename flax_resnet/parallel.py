@@ -162,7 +162,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 ENV_NO_COMPILATION_CACHE = "FLAX_RESNET_NO_COMPILATION_CACHE"
 
 
-def _env_flag(name: str) -> bool:
+def env_flag(name: str) -> bool:
+    """Whether environment variable ``name`` is set to 1/true/yes/on."""
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -188,7 +189,7 @@ def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> str 
     current = jax.config.jax_compilation_cache_dir
     if current:
         return current
-    if _env_flag(ENV_NO_COMPILATION_CACHE):
+    if env_flag(ENV_NO_COMPILATION_CACHE):
         return None
     if cache_dir is None:
         cache_dir = user_cache_dir("jax")
@@ -204,54 +205,6 @@ def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> str 
 
     compilation_cache.reset_cache()
     return cache_dir
-
-
-ENV_NO_MALLOC_TUNING = "FLAX_RESNET_NO_MALLOC_TUNING"
-# glibc's mallopt() parameters (<malloc.h>).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_host_allocator_tuned = False
-
-
-def tune_host_allocator() -> bool:
-    """Keeps freed host memory in the process, so a CPU train step stops page-faulting its buffers in.
-
-    XLA:CPU allocates each step's temporaries, and Eigen's convolutions their packing buffers,
-    anew with ``malloc``. With glibc's defaults, blocks over 32 MB (over 64 MB on a worker
-    thread's arena) are fresh ``mmap``s unmapped on free, and a freed heap top is trimmed, so
-    the kernel faults and zeroes those pages again on every step: 290 MB per ResNet-20 batch-128
-    step and 2.2 GB per ResNet-50 batch-16 step, ~15% of the step's CPU time (BUILD_NOTES.md,
-    "Performance"). Here, through ``mallopt``: one arena for every thread, no ``mmap``, no
-    trimming. The price: the process keeps its peak host memory until it exits.
-
-    Call it before JAX starts its CPU threads (before the first device use): a thread that
-    already has its own arena keeps it. :func:`flax_resnet.training.train_and_evaluate` and
-    the ``flax-resnet`` command call it first. Returns whether it applied: glibc only, and
-    ``FLAX_RESNET_NO_MALLOC_TUNING=1`` leaves the allocator alone. Idempotent.
-    """
-    global _host_allocator_tuned
-    if _host_allocator_tuned:
-        return True
-    import platform
-
-    if _env_flag(ENV_NO_MALLOC_TUNING) or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # M_TRIM_THRESHOLD takes a size_t inside an int: -1 is SIZE_MAX, never trim.
-    applied = [mallopt(param, value) == 1 for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
-                                                               (_M_TRIM_THRESHOLD, -1))]
-    _host_allocator_tuned = all(applied)
-    return _host_allocator_tuned
-
-
-def host_allocator_tuned() -> bool:
-    """Whether :func:`tune_host_allocator` has applied in this process."""
-    return _host_allocator_tuned
 
 
 def any_process(flag: bool) -> bool:

@@ -88,7 +88,7 @@ def restore_state(workdir, step: int, which: str = "latest", mesh=None):
 
     from flax_resnet import parallel
     from flax_resnet.checkpoint import Checkpointer
-    from flax_resnet.training.state import abstract_train_state, create_optimizer
+    from flax_resnet.training import abstract_train_state, create_optimizer
 
     with Checkpointer(workdir, read_only=True) as ck:
         _, cfg, meta = ck.restore_config(which, step)

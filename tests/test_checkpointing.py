@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from flax_resnet import parallel
-from flax_resnet.checkpoint import Checkpointer, PreemptionGuard, structural_problem
+from flax_resnet.checkpoint import Checkpointer, structural_problem
+from flax_resnet.training.preemption import PreemptionGuard
 from flax_resnet.errors import UserError
 from helpers import (DIGITS_TOTAL_STEPS as TOTAL, CliProcess, restore_state, run_cli, saved_steps, snapshot,
                      train_argv)
@@ -233,7 +234,8 @@ def test_class_count_mismatch_and_new_head(straight, tmp_path):
 
     from flax_resnet.data import get_dataset_info
     from flax_resnet.training import loop
-    from flax_resnet.training.state import create_optimizer, create_train_state, transfer_weights
+    from flax_resnet.training.optimizer import create_optimizer
+    from flax_resnet.training.state import create_train_state, transfer_weights
 
     saved = json.loads((straight / "checkpoints" / str(TOTAL) / "config" / "metadata").read_text())
     meta = json.loads((straight / "checkpoints" / str(TOTAL) / "meta" / "metadata").read_text())

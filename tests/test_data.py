@@ -5,6 +5,7 @@ Everything runs offline in temporary data directories; nothing here downloads.
 
 from __future__ import annotations
 
+import chex
 import io
 import json
 import os
@@ -81,7 +82,7 @@ def test_mock_cifar10_unaugmented_batches_are_normalised_source_images(tmp_path)
         batch = next(it)
         for img, idx, label in zip(batch["image"], batch["index"], batch["label"]):
             ex = src[int(idx)]
-            np.testing.assert_array_equal(_denormalize(img, "cifar10"), ex["image"])
+            chex.assert_trees_all_equal(_denormalize(img, "cifar10"), ex["image"])
             assert label == ex["label"]
 
 
@@ -99,7 +100,7 @@ def test_two_process_sharding_covers_every_example_once_per_epoch(tmp_path):
             for whole, *parts in zip(_take(single, 3), *batches):
                 assert not set(parts[0]["index"]) & set(parts[1]["index"])  # disjoint slices
                 for key in ("index", "image", "label"):
-                    np.testing.assert_array_equal(np.concatenate([b[key] for b in parts]), whole[key])
+                    chex.assert_trees_all_equal(np.concatenate([b[key] for b in parts]), whole[key])
             per_process = [np.concatenate([b["index"] for b in bs]) for bs in batches]
             assert sorted(np.concatenate(per_process).tolist()) == list(range(48)), epoch
         # epochs are fresh permutations
@@ -134,12 +135,12 @@ def test_digits_builder_end_to_end(digits_dir):
     raw = load_digits()
     ex = train[0]
     assert ex["label"] == raw.target[ex["index"]]
-    np.testing.assert_array_equal(ex["image"], digits_lib.upscale(raw.images[ex["index"]][None])[0])
+    chex.assert_trees_all_equal(ex["image"], digits_lib.upscale(raw.images[ex["index"]][None])[0])
     images = np.stack([e["image"] for e in train]).astype(np.float64) / 255
     assert images.max() == 1.0 and images.min() == 0.0
     # the normalisation constants are the train split's statistics
-    np.testing.assert_allclose(images.mean(), NORMALIZATION["digits"][0][0], atol=1e-4)
-    np.testing.assert_allclose(images.std(), NORMALIZATION["digits"][1][0], atol=1e-4)
+    chex.assert_trees_all_close(images.mean(), NORMALIZATION["digits"][0][0], atol=1e-4)
+    chex.assert_trees_all_close(images.std(), NORMALIZATION["digits"][1][0], atol=1e-4)
 
 
 def test_digits_augmentation_translates_but_never_mirrors(digits_dir):
@@ -159,8 +160,8 @@ def test_same_seed_same_batches_other_seed_different(digits_dir):
     b = _take(data.train_iterator("digits", batch_size=32, seed=7, data_dir=digits_dir), 3)
     c = next(data.train_iterator("digits", batch_size=32, seed=8, data_dir=digits_dir))
     for x, y in zip(a, b):
-        np.testing.assert_array_equal(x["image"], y["image"])
-        np.testing.assert_array_equal(x["label"], y["label"])
+        chex.assert_trees_all_equal(x["image"], y["image"])
+        chex.assert_trees_all_equal(x["label"], y["label"])
     assert not np.array_equal(a[0]["label"], c["label"])
 
 
@@ -179,8 +180,8 @@ def test_restored_iterator_state_continues_identically(digits_dir):
     resumed = data.train_iterator("digits", **kw)
     resumed.set_state(state)
     for want, got in zip(expected[9:], _take(resumed, 5)):
-        np.testing.assert_array_equal(want["image"], got["image"])
-        np.testing.assert_array_equal(want["label"], got["label"])
+        chex.assert_trees_all_equal(want["image"], got["image"])
+        chex.assert_trees_all_equal(want["label"], got["label"])
     assert resumed.epoch == 1
 
     other = data.train_iterator("digits", batch_size=64, seed=11, data_dir=digits_dir)
@@ -194,7 +195,7 @@ def test_grain_workers_give_the_same_stream(digits_dir):
     with data.train_iterator("digits", num_workers=2, **kw) as it:
         it.set_state({"step": 1})
         for want, got in zip(plain[1:], _take(it, 3)):
-            np.testing.assert_array_equal(want["image"], got["image"])
+            chex.assert_trees_all_equal(want["image"], got["image"])
             assert type(got["image"]) is np.ndarray
 
 
@@ -220,7 +221,7 @@ def test_synthetic_cifar10_in_real_layout_reads_without_mock(tmp_path):
     batches = list(data.eval_batches("cifar10", batch_size=8, data_dir=d, with_index=True))
     b = batches[1]
     for img, idx in zip(b["image"][:4], b["index"][:4]):
-        np.testing.assert_array_equal(_denormalize(img, "cifar10"), src[int(idx)]["image"])
+        chex.assert_trees_all_equal(_denormalize(img, "cifar10"), src[int(idx)]["image"])
     batch = next(data.train_iterator("cifar10", batch_size=16, seed=0, data_dir=d))
     assert batch["image"].shape == (16, 32, 32, 3)
 
@@ -335,7 +336,7 @@ def test_inception_crop_box_respects_scale_and_ratio():
 def test_eval_center_crop_is_resize_256_then_crop_224():
     assert augment.center_crop_box(320, 256) == (48.0, 16.0, 224.0, 224.0)
     img = np.random.default_rng(0).integers(0, 256, size=(256, 256, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(augment.crop_resize(img, augment.center_crop_box, 224, 3), img[16:240, 16:240])
+    chex.assert_trees_all_equal(augment.crop_resize(img, augment.center_crop_box, 224, 3), img[16:240, 16:240])
     jpeg = io.BytesIO()
     Image.fromarray(np.full((512, 640, 3), 90, np.uint8)).save(jpeg, format="JPEG")
     out = augment.crop_resize(jpeg.getvalue(), augment.center_crop_box, 224, 3)  # via draft decoding

@@ -3,6 +3,7 @@ and ``flax-resnet finetune`` end to end on a generated image folder, from conver
 
 from __future__ import annotations
 
+import chex
 import json
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from helpers import restore_state, run_cli
 from flax_resnet import data, pretrained
 from flax_resnet.configs import default
 from flax_resnet.models import create_model
-from flax_resnet.training import finetune
-from flax_resnet.training.state import create_optimizer, split_model
+from flax_resnet.training import optimizer
+from flax_resnet.training.optimizer import create_optimizer
+from flax_resnet.training.state import split_model
 
 
 def _config(**kw) -> ml_collections.ConfigDict:
@@ -101,7 +103,7 @@ def test_groups_match_plain_sgd_and_backbone_lr_factor():
     lr = optax.constant_schedule(0.1)
     plain = _run(create_optimizer(_config(), lr), params, 3)[-1]
     # a factor of 1 through the grouped optimiser is plain SGD, bit for bit
-    grouped = _run(finetune.create_optimizer(_config(), lr), params, 3)[-1]
+    grouped = _run(optimizer.param_group_optimizer(_config(), lr), params, 3)[-1]
     assert _same(plain, grouped)
     # a factor of 1/2 (exact in binary) halves every backbone update; the head's is unchanged
     plain = _run(create_optimizer(_config(), lr), params, 1)[-1]
@@ -111,7 +113,7 @@ def test_groups_match_plain_sgd_and_backbone_lr_factor():
         full = jax.tree.map(lambda a, p: np.asarray(a) - np.asarray(p), plain[key], params[key])
         ratio = 1.0 if key == "fc" else 0.5
         for m, f in zip(jax.tree.leaves(moved), jax.tree.leaves(full)):
-            np.testing.assert_allclose(m, ratio * f, rtol=1e-5, atol=1e-7)
+            chex.assert_trees_all_close(m, ratio * f, rtol=1e-5, atol=1e-7)
 
 
 def test_gradual_unfreezing_starts_each_group_fresh():
@@ -122,7 +124,7 @@ def test_gradual_unfreezing_starts_each_group_fresh():
     lr = optax.constant_schedule(0.1)
     tx = create_optimizer(_config(unfreeze_epochs=(1, 2)), lr, steps_per_epoch=2)
     seq = _run(tx, params, 5)
-    assert finetune.backbone_groups(_config()) == ["layer3", "layer2", "layer1", "stem"]
+    assert optimizer.backbone_groups(_config()) == ["layer3", "layer2", "layer1", "stem"]
     assert _same(seq[1]["layer3"], params["layer3"]) and not _same(seq[2]["layer3"], seq[1]["layer3"])
     assert _same(seq[3]["layer2"], params["layer2"]) and not _same(seq[4]["layer2"], seq[3]["layer2"])
     for key in ("layer1", "conv1", "bn1"):
@@ -132,7 +134,7 @@ def test_gradual_unfreezing_starts_each_group_fresh():
     updates, _ = fresh.update(_grads(seq[1], 2), fresh.init(seq[1]), seq[1])
     want = optax.apply_updates(seq[1], updates)
     assert _same(seq[2]["layer3"], want["layer3"])
-    assert "layer3 lr x1 from step 2" in finetune.describe(_config(unfreeze_epochs=(1, 2)), 2)
+    assert "layer3 lr x1 from step 2" in optimizer.describe(_config(unfreeze_epochs=(1, 2)), 2)
 
 
 def test_freeze_bn_stats_keeps_running_statistics():
@@ -148,7 +150,7 @@ def test_freeze_bn_stats_keeps_running_statistics():
 
     (logits, frozen_stats), eval_logits, normal_stats = run(params, stats, x)
     assert _same(frozen_stats, stats) and not _same(normal_stats, stats)
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(eval_logits), rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(np.asarray(logits), np.asarray(eval_logits), rtol=1e-6, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- end to end

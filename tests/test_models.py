@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import flax_resnet as fr
-from flax_resnet.models import blocks, registry
+from flax_resnet.models import blocks, layers, registry, summary
 from flax_resnet.errors import UserError
 
 # torchvision's parameter counts (torchvision.models.*().parameters()).
@@ -207,7 +207,7 @@ def _relu(x):
 
 
 def test_basic_block_matches_reference():
-    make = blocks.Layers(nnx.Rngs(0))
+    make = layers.Layers(nnx.Rngs(0))
     block = blocks.BasicBlock(8, 16, 2, make=make, shortcut="B")
     _randomise_bn(block, jax.random.key(1))
     x = jax.random.normal(jax.random.key(2), (4, 9, 9, 8))   # odd size: padding must be symmetric
@@ -231,7 +231,7 @@ def test_basic_block_matches_reference():
 
 
 def test_bottleneck_block_matches_reference():
-    make = blocks.Layers(nnx.Rngs(0))
+    make = layers.Layers(nnx.Rngs(0))
     block = blocks.Bottleneck(16, 8, 2, make=make, groups=2, base_width=32)  # width 8, out 32
     _randomise_bn(block, jax.random.key(3))
     x = jax.random.normal(jax.random.key(4), (2, 8, 8, 16))
@@ -251,9 +251,81 @@ def test_bottleneck_block_matches_reference():
 
 def test_option_a_shortcut_is_strided_zero_padded_identity():
     x = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)
-    y = blocks.pad_identity(x, 7, 2)
+    y = layers.pad_identity(x, 7, 2)
     chex.assert_shape(y, (2, 2, 2, 7))
     chex.assert_trees_all_equal(y[..., 2:5], x[:, ::2, ::2, :])
     assert float(jnp.abs(y[..., :2]).sum() + jnp.abs(y[..., 5:]).sum()) == 0.0
     assert registry.get_spec("resnet20").kwargs["shortcut"] == "A"
     assert fr.create_model("resnet20").layer2[0].downsample is None
+
+
+# ---------------------------------------------------------------- FLOPs, derivatives, export, layer classes
+def test_forward_flops_are_counted_from_the_layers_shapes():
+    # ResNet-8 at 32x32 by hand: 2 x multiply-adds of every conv (full padded window) and the head.
+    macs = (32 * 32 * 16 * 3 * 9                              # stem 3x3, 3 -> 16
+            + 2 * 32 * 32 * 16 * 16 * 9                       # layer1: two 3x3 16 -> 16
+            + 16 * 16 * 32 * 16 * 9 + 16 * 16 * 32 * 32 * 9   # layer2: 3x3/2 16 -> 32, 3x3 32 -> 32
+            + 8 * 8 * 64 * 32 * 9 + 8 * 8 * 64 * 64 * 9       # layer3
+            + 64 * 10)                                        # fc
+    assert summary.forward_flops("resnet8") == 2 * macs
+    # The published figures (torchvision: 4.09 GMACs for ResNet-50; He et al. 2015: ~41M for ResNet-20).
+    assert summary.forward_flops("resnet50") / 1e9 == pytest.approx(8.18, abs=0.005)
+    assert summary.forward_flops("resnet20") / 1e9 == pytest.approx(0.081, abs=0.0005)
+    assert summary.forward_flops("resnet8", 64) == pytest.approx(4 * summary.forward_flops("resnet8"), rel=1e-4)
+
+
+def _functional(model):
+    graph, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+    def loss(params, x):
+        y = nnx.merge(graph, params, stats)(x)
+        return jnp.sum(jnp.sin(y))
+
+    return loss, params
+
+
+def test_create_model_supports_every_derivative_and_export():
+    """The plain model on this backend: grad, jvp, a Hessian-vector product, a gradient of a gradient
+    (train-mode BatchNorm included), and jax.export with a symbolic batch size (eval mode)."""
+    model = fr.create_model("resnet8", num_classes=3)
+    loss, params = _functional(model)
+    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
+    g = jax.grad(loss)(params, x)
+    v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(1), a.shape), params)
+    # jvp along v equals <grad, v>; the HVP by forward-over-reverse equals reverse-over-reverse.
+    _, tangent = jax.jvp(lambda p: loss(p, x), (params,), (v,))
+    dot = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
+    chex.assert_trees_all_close(tangent, dot, rtol=1e-4)
+    hvp_fwd = jax.jvp(lambda p: jax.grad(loss)(p, x), (params,), (v,))[1]
+    hvp_rev = jax.grad(lambda p: sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(jax.grad(loss)(p, x)),
+                                                                       jax.tree.leaves(v))))(params)
+    chex.assert_trees_all_close(hvp_fwd, hvp_rev, rtol=2e-3, atol=2e-4)
+    gradgrad = jax.grad(lambda x: jnp.sum(jnp.square(jax.grad(loss, argnums=1)(params, x))))(x)
+    assert gradgrad.shape == x.shape and float(jnp.max(jnp.abs(gradgrad))) > 0
+    model.eval()
+    graph, state = nnx.split(model)
+    state = nnx.to_pure_dict(state)
+    fn = jax.jit(lambda s, x: nnx.merge(graph, s)(x))
+    batch = jax.export.symbolic_shape("b")[0]
+    exported = jax.export.export(fn)(state, jax.ShapeDtypeStruct((batch, 12, 12, 3), jnp.float32))
+    assert "flax_resnet_conv" not in exported.mlir_module()  # none of the CPU backend's custom calls
+    for n in (1, 5):
+        xs = jax.random.normal(jax.random.key(n), (n, 12, 12, 3))
+        chex.assert_trees_all_close(exported.call(state, xs), fn(state, xs), atol=1e-5)
+
+
+def test_layer_classes_are_injected_through_the_factory():
+    class TaggedConv(nnx.Conv):
+        pass
+
+    class TaggedNorm(layers.BatchNorm):
+        pass
+
+    plain = fr.create_model("resnet8")
+    tagged = fr.create_model("resnet8", conv=TaggedConv, norm=TaggedNorm)
+    convs = [m for _, m in nnx.iter_graph(tagged) if isinstance(m, nnx.Conv)]
+    norms = [m for _, m in nnx.iter_graph(tagged) if isinstance(m, nnx.BatchNorm)]
+    assert len(convs) == 7 and all(type(m) is TaggedConv for m in convs)
+    assert len(norms) == 7 and all(type(m) is TaggedNorm for m in norms)
+    chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(tagged)), nnx.to_pure_dict(nnx.state(plain)))

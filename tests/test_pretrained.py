@@ -9,6 +9,7 @@ biased/unbiased variance mix-up fails the test.
 
 from __future__ import annotations
 
+import chex
 import numpy as np
 import pytest
 
@@ -22,15 +23,15 @@ from flax import nnx  # noqa: E402
 from flax_resnet import cli, pretrained  # noqa: E402
 from flax_resnet.errors import UserError  # noqa: E402
 from flax_resnet.models import create_model  # noqa: E402
-from flax_resnet.models.blocks import BatchNorm  # noqa: E402
-from flax_resnet.torch_reference import create_torch_model  # noqa: E402
+from flax_resnet.models.layers import BatchNorm  # noqa: E402
+from flax_resnet.benchmark.torch_twin import create_torch_model  # noqa: E402
 from flax_resnet.training.state import split_model  # noqa: E402
 
 torch.set_num_threads(2)
 
 
 # --------------------------------------------------------------------------- torchvision's layout
-# torchvision's architectures, written once in the library (flax_resnet/torch_reference.py,
+# torchvision's architectures, written once in the library (flax_resnet/benchmark/torch_twin.py,
 # also the benchmark's PyTorch side) with torchvision's module names.
 ARCHS = ("resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2")
 
@@ -144,9 +145,9 @@ def test_batchnorm_running_var_is_unbiased_as_pytorch():
         y = tbn(torch.from_numpy(x)).numpy()
     out = ours(jnp.asarray(x.transpose(0, 2, 3, 1)), use_running_average=False)
     stock(jnp.asarray(x.transpose(0, 2, 3, 1)), use_running_average=False)
-    np.testing.assert_allclose(np.asarray(ours.var[...]), tbn.running_var.numpy(), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(ours.mean[...]), tbn.running_mean.numpy(), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(out), y.transpose(0, 2, 3, 1), atol=2e-6)
+    chex.assert_trees_all_close(np.asarray(ours.var[...]), tbn.running_var.numpy(), rtol=1e-6)
+    chex.assert_trees_all_close(np.asarray(ours.mean[...]), tbn.running_mean.numpy(), rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(np.asarray(out), y.transpose(0, 2, 3, 1), atol=2e-6)
     # stock NNX folds the biased variance: visibly different (n = 30)
     assert np.abs(np.asarray(stock.var[...]) - tbn.running_var.numpy()).max() > 1e-3
 
@@ -168,12 +169,12 @@ def test_head_dropped_or_loaded(resnet18_sd):
     m = zeros_model("resnet18", num_classes=7)
     loaded = pretrained.load_state_dict(m, resnet18_sd, load_head=False)
     assert "fc.weight" not in loaded and not np.asarray(m.fc.kernel[...]).any()  # kept: still zeros
-    np.testing.assert_array_equal(np.asarray(m.conv1.kernel[...]), resnet18_sd["conv1.weight"].transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(np.asarray(m.layer2[0].downsample[1].var[...]),
+    chex.assert_trees_all_equal(np.asarray(m.conv1.kernel[...]), resnet18_sd["conv1.weight"].transpose(2, 3, 1, 0))
+    chex.assert_trees_all_equal(np.asarray(m.layer2[0].downsample[1].var[...]),
                                   resnet18_sd["layer2.0.downsample.1.running_var"])
     m2 = zeros_model("resnet18")
     pretrained.load_state_dict(m2, resnet18_sd)
-    np.testing.assert_array_equal(np.asarray(m2.fc.kernel[...]), resnet18_sd["fc.weight"].T)
+    chex.assert_trees_all_equal(np.asarray(m2.fc.kernel[...]), resnet18_sd["fc.weight"].T)
 
 
 def test_key_and_shape_mismatches_name_the_key(resnet18_sd):
@@ -225,7 +226,7 @@ def test_wrapped_timm_style_and_bf16_files(tmp_path, resnet18_sd):
                for k, v in resnet18_sd.items()}, str(tmp_path / "bf16.safetensors"))
     sd16 = pretrained.read_state_dict(tmp_path / "bf16.safetensors")
     assert sd16["conv1.weight"].dtype == np.float32
-    np.testing.assert_allclose(sd16["conv1.weight"], resnet18_sd["conv1.weight"], rtol=1e-2, atol=1e-3)
+    chex.assert_trees_all_close(sd16["conv1.weight"], resnet18_sd["conv1.weight"], rtol=1e-2, atol=1e-3)
     pretrained.load_state_dict(zeros_model("resnet18"), sd16)
 
 

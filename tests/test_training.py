@@ -18,9 +18,9 @@ from flax_resnet.checkpoint import Checkpointer
 from flax_resnet.configs import apply_overrides, get_config, list_configs, load_config
 from flax_resnet.errors import UserError
 from flax_resnet.training import schedules, steps
-from flax_resnet.training.loop import evaluate_split
-from flax_resnet.training.state import (abstract_train_state, create_optimizer, create_train_state,
-                                        weight_decay_mask)
+from flax_resnet.training.evaluation import evaluate_split
+from flax_resnet.training.optimizer import create_optimizer, weight_decay_mask
+from flax_resnet.training.state import abstract_train_state, create_train_state
 
 NUM_CLASSES = 10
 IMAGE = (16, 16, 1)
@@ -38,8 +38,8 @@ def tiny_config(**over):
     c.nesterov = True
     # Plain XLA arithmetic: every per-example computation is then bit-identical however the
     # batch is split, so 8 devices == 1 device to 1e-6 even on this tiny, ill-conditioned
-    # model. The CPU fast path ("auto") is checked on a well-conditioned one in test_benchmark.
-    c.model_kwargs.conv_impl = "xla"
+    # model. The CPU fast path is checked on a well-conditioned one in tests/test_cpu.py.
+    c.cpu_fast_path = False
     for k, v in over.items():
         c[k] = v
     return c
@@ -97,7 +97,7 @@ def test_train_metrics(runs):
     assert set(m) == {"loss", "top1", "top5", "lr", "grad_norm"}
     assert np.isfinite(m["loss"]) and m["grad_norm"] > 0
     assert 0 <= m["top1"] <= m["top5"] <= 1
-    np.testing.assert_allclose(m["lr"], 0.1)
+    chex.assert_trees_all_close(m["lr"], 0.1)
     # One update on a fixed batch with a random init: the loss is about log(10).
     assert abs(m["loss"] - np.log(NUM_CLASSES)) < 1.0
 
@@ -166,9 +166,9 @@ def test_label_smoothing_matches_formula(alpha):
     got = steps.cross_entropy_loss(jnp.asarray(logits), jnp.asarray(labels), NUM_CLASSES, alpha)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     target = (1 - alpha) * np.eye(NUM_CLASSES)[labels] + alpha / NUM_CLASSES
-    np.testing.assert_allclose(got, -(target * logp).sum(-1), rtol=1e-5)
+    chex.assert_trees_all_close(got, -(target * logp).sum(-1), rtol=1e-5)
     # Equivalently: (1 - a) * NLL + a * mean over classes of -log p.
-    np.testing.assert_allclose(
+    chex.assert_trees_all_close(
         got, (1 - alpha) * -logp[np.arange(6), labels] + alpha * -logp.mean(-1), rtol=1e-5)
 
 
@@ -197,10 +197,10 @@ def test_weight_decay_applies_to_kernels_only():
     tx = create_optimizer(config, optax.constant_schedule(0.1))
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     new = optax.apply_updates(params, updates)
-    np.testing.assert_allclose(new["conv"]["kernel"], 1 - 0.1 * 0.5)
-    np.testing.assert_allclose(new["fc"]["kernel"], 1 - 0.1 * 0.5)
+    chex.assert_trees_all_close(new["conv"]["kernel"], 1 - 0.1 * 0.5)
+    chex.assert_trees_all_close(new["fc"]["kernel"], 1 - 0.1 * 0.5)
     for leaf in (new["bn"]["scale"], new["bn"]["bias"], new["fc"]["bias"]):
-        np.testing.assert_allclose(leaf, 1.0)
+        chex.assert_trees_all_close(leaf, 1.0)
 
 
 # --------------------------------------------------------------------------- schedules

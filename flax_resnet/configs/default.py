@@ -23,6 +23,8 @@ Fields:
     running statistics), backbone_lr_mult (backbone lr = learning_rate * this),
     unfreeze_epochs (gradual unfreezing: epoch from which each backbone group, from the
     top, trains; unlisted groups stay frozen).
+  cpu_fast_path: on the CPU backend, build the model from flax_resnet.cpu's fast layers
+    (same parameters; False: the plain layers and XLA's default compiler options).
   log_every_steps, checkpoint_every_steps (0: only at epoch ends), max_to_keep,
   async_checkpointing, seed.
 """
@@ -69,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.weight_decay = 1e-4
     c.label_smoothing = 0.0
     c.half_precision = False
+    c.cpu_fast_path = True
 
     c.log_every_steps = 50
     c.checkpoint_every_steps = 0

@@ -10,9 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
-from typing import Any, Callable
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -127,49 +126,3 @@ def create_model(name: str, num_classes: int | None = None, *, rngs: nnx.Rngs | 
         return ResNet(**kwargs, rngs=rngs if rngs is not None else nnx.Rngs(seed))
     except TypeError as e:
         raise UserError(f"bad option for model {name!r}: {e}") from None
-
-
-def count_params(model: nnx.Module) -> int:
-    """Trainable parameters (``nnx.Param``), not BatchNorm running statistics."""
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def forward_flops(name: str, input_size: int | None = None, in_channels: int = 3) -> float:
-    """Forward FLOPs for one image at the default input size, from XLA's cost analysis.
-
-    Counts a multiply-add as 2 FLOPs (so ResNet-50 is ~8.2 GFLOPs, torchvision's "4.09
-    GFLOPS" being multiply-adds). Uses ``jax.eval_shape`` for the model, so nothing is
-    allocated and the program is only lowered, never compiled.
-    """
-    spec = get_spec(name)
-    size = input_size or spec.input_size
-    abstract = nnx.eval_shape(lambda: create_model(name, in_channels=in_channels))
-    graphdef, state = nnx.split(abstract)
-
-    def forward(state, x):
-        model = nnx.merge(graphdef, state)
-        model.eval()
-        return model(x)
-
-    x = jax.ShapeDtypeStruct((1, size, size, in_channels), jnp.float32)
-    cost = jax.jit(forward).lower(state, x).cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0]
-    return float(cost["flops"])
-
-
-def format_model_table(name_filter: str = "", with_flops: bool = True) -> str:
-    """The table printed by ``flax-resnet models``."""
-    rows = [("model", "params", "input", "GFLOPs", "description")]
-    for name in list_models(name_filter or None):
-        spec = get_spec(name)
-        model = nnx.eval_shape(lambda: create_model(name))
-        flops = f"{forward_flops(name) / 1e9:.3f}" if with_flops else "-"
-        rows.append((name, f"{count_params(model):,}", f"{spec.input_size}", flops, spec.description))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join([r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].rjust(widths[2]),
-                        r[3].rjust(widths[3]), r[4]]) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.append(f"{len(rows) - 1} models. GFLOPs: forward pass of one image at the input size, "
-                 "multiply-add = 2 FLOPs (XLA cost analysis).")
-    return "\n".join(lines)

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_resnet.models.blocks import BLOCKS, Layers, Shortcut
+from flax_resnet.models.blocks import BLOCKS, Shortcut
+from flax_resnet.models.layers import BatchNorm, Layers
 
 Stem = Literal["imagenet", "cifar", "article"]
 
@@ -52,12 +53,9 @@ class ResNet(nnx.Module):
       zero_init_residual: zero the last BatchNorm scale of each residual branch (Goyal et al.).
       dtype: computation dtype (e.g. ``jnp.bfloat16``); params stay in ``param_dtype``.
       bn_momentum, bn_epsilon: Flax-convention momentum (0.9 == PyTorch 0.1) and epsilon.
-      conv_impl: "auto" (the default: on XLA:CPU the fast formulations of
-        :class:`~flax_resnet.models.blocks.Conv`, BatchNorm's written-out backward pass
-        (:func:`~flax_resnet.models.blocks.batch_norm_train`), and XLA's own convolutions via
-        :func:`~flax_resnet.training.steps.compiler_options`; plain arithmetic on GPU/TPU) or
-        "xla" (plain ``nnx.Conv``, NNX's BatchNorm and XLA's defaults everywhere). The
-        parameters are the same and the values equal up to float rounding.
+      conv, norm: the layer classes (default ``nnx.Conv`` and
+        :class:`~flax_resnet.models.layers.BatchNorm`); a backend passes its own substitutes
+        with the same parameters (:func:`flax_resnet.cpu.layers`).
       rngs: NNX random streams.
     """
 
@@ -66,11 +64,11 @@ class ResNet(nnx.Module):
                  in_channels: int = 3, shortcut: Shortcut = "B", groups: int = 1,
                  base_width: int = 64, zero_init_residual: bool = False,
                  dtype: Any = None, param_dtype: Any = jnp.float32,
-                 bn_momentum: float = 0.9, bn_epsilon: float = 1e-5, conv_impl: str = "auto",
-                 rngs: nnx.Rngs):
+                 bn_momentum: float = 0.9, bn_epsilon: float = 1e-5,
+                 conv: type[nnx.Conv] = nnx.Conv, norm: type[BatchNorm] = BatchNorm, rngs: nnx.Rngs):
         if len(layers) != len(widths):
             raise ValueError(f"layers {tuple(layers)} and widths {tuple(widths)} differ in length")
-        make = Layers(rngs, dtype, param_dtype, bn_momentum, bn_epsilon, conv_impl)
+        make = Layers(rngs, dtype, param_dtype, bn_momentum, bn_epsilon, conv=conv, norm=norm)
         block_cls = BLOCKS[block]
         self.stem = stem
         self.preact = block.startswith("preact")

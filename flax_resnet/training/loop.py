@@ -1,4 +1,4 @@
-"""The training loop, and the evaluate/predict helpers built on the same pieces.
+"""The training loop.
 
 :func:`train_and_evaluate` is the one generic loop: it reads a config, builds the mesh,
 data iterators, model, optimiser and jitted steps, resumes from the newest checkpoint
@@ -21,21 +21,23 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from flax_resnet import parallel
-from flax_resnet.checkpoint import Checkpointer, PreemptionGuard
+from flax_resnet import data, models, parallel
+from flax_resnet.checkpoint import Checkpointer
+from flax_resnet.training.preemption import PreemptionGuard
 from flax_resnet.errors import TrainingDivergedError, UserError
 from flax_resnet.training import logging as run_logging
-from flax_resnet.training import finetune, schedules, steps
+from flax_resnet.training import optimizer, schedules, steps
+from flax_resnet.training.evaluation import eval_batch_size, eval_batches, evaluate_split, image_size
+from flax_resnet.training.restore import restore_model
 from flax_resnet.training.state import (
-    abstract_train_state, compute_dtype, count_params, create_optimizer, create_train_state, transfer_weights,
+    abstract_train_state, compute_dtype, count_params, create_train_state, transfer_weights,
 )
 
 PrintFn = Callable[..., None]
@@ -79,42 +81,6 @@ def format_config(config, indent: str = "  ") -> str:
 
     walk(config.to_dict() if hasattr(config, "to_dict") else dict(config), indent)
     return "\n".join(lines)
-
-
-def _image_size(config) -> int | None:
-    """``config.image_size`` (side of variable-size images, e.g. folders); None: the dataset's default."""
-    return int(config.get("image_size", 0) or 0) or None
-
-
-def _eval_batch_size(config, mesh) -> int:
-    bs = int(config.get("eval_batch_size", 0) or 0) or int(config.batch_size)
-    parallel.check_batch_size(bs, mesh, "eval_batch_size" if config.get("eval_batch_size") else "batch_size")
-    return bs
-
-
-def evaluate_split(eval_fn, state, batches, mesh) -> dict[str, float]:
-    """Runs ``eval_fn`` over every batch of a split; sums stay on device until the end.
-
-    Batches carry a ``mask`` (the final one is padded), so every example is counted once.
-    Returns ``loss``, ``top1`` (``top5``) and ``count``.
-    """
-    sums = None
-    for batch in batches:
-        out = eval_fn(state, parallel.shard_batch(batch, mesh))
-        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    if sums is None:
-        raise UserError("the evaluation split is empty; check --config.eval_split and the dataset")
-    return steps.summarize_eval(jax.device_get(sums))
-
-
-def _eval_batches(config, info, batch_size, split=None):
-    from flax_resnet import data
-
-    return data.eval_batches(
-        config.dataset, batch_size=parallel.per_process_batch_size(batch_size), data_dir=config.data_dir,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        split=split or config.get("eval_split") or None, image_size=_image_size(config),
-    )
 
 
 def _global_batches(data_iter, mesh, first=None):
@@ -278,12 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         workdir holding a run of another model/dataset, ...), found before anything is
         written; :class:`TrainingDivergedError` when the loss becomes NaN/inf.
     """
-    from flax_resnet import data
-    from flax_resnet.models import registry
-
-    parallel.tune_host_allocator()  # before JAX's CPU threads start, where this is the first call
     parallel.initialize_distributed()  # no-op unless launched as one of several processes
-    parallel.enable_compilation_cache()  # reused by resumed runs and reruns (JAX_COMPILATION_CACHE_DIR wins)
     t_start = time.perf_counter()
     main = run_logging.is_main_process()
     say = print_fn if main else (lambda *a, **k: None)
@@ -291,18 +252,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     workdir = Path(workdir)
 
     # Bad input fails here, before anything is written.
-    registry.get_spec(config.model)
-    info = data.get_dataset_info(config.dataset, config.data_dir, image_size=_image_size(config))
+    models.get_spec(config.model)
+    info = data.get_dataset_info(config.dataset, config.data_dir, image_size=image_size(config))
     mesh = parallel.create_mesh() if mesh is None else mesh
     parallel.check_batch_size(config.batch_size, mesh)
-    eval_bs = _eval_batch_size(config, mesh)
+    eval_bs = eval_batch_size(config, mesh)
     _check_workdir(workdir)
     log_every = max(int(config.log_every_steps), 1)
     with contextlib.ExitStack() as stack:
         data_iter = data.train_iterator(
             config.dataset, batch_size=parallel.per_process_batch_size(config.batch_size), seed=config.seed,
             data_dir=config.data_dir, process_index=jax.process_index(), process_count=jax.process_count(),
-            augment=config.augment, num_workers=config.num_workers, image_size=_image_size(config),
+            augment=config.augment, num_workers=config.num_workers, image_size=image_size(config),
         )
         stack.callback(data_iter.close)
         data_position = data_iter.get_state
@@ -310,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         total_steps = int(config.num_train_steps) if config.num_train_steps > 0 else int(config.num_epochs) * steps_per_epoch
         num_epochs = math.ceil(total_steps / steps_per_epoch)
         lr_fn = schedules.create_learning_rate_fn(config, steps_per_epoch, total_steps)
-        tx = create_optimizer(config, lr_fn, steps_per_epoch)
+        tx = optimizer.create_optimizer(config, lr_fn, steps_per_epoch)
         num_classes, in_channels = int(info.num_classes), int(info.image_shape[-1])
         dtype = compute_dtype(config)
         config_dict = config.to_dict()
@@ -321,8 +282,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         say(f"dataset: {info.name} ({info.train_size} train / {info.eval_size} {info.eval_split}, "
             f"{num_classes} classes, {tuple(info.image_shape)}); global batch {config.batch_size}, "
             f"{steps_per_epoch} steps/epoch, {total_steps} steps ({num_epochs} epochs)")
-        if finetune.uses_param_groups(config) or config.get("freeze_bn_stats", False):
-            say(finetune.describe(config, steps_per_epoch))
+        if optimizer.uses_param_groups(config) or config.get("freeze_bn_stats", False):
+            say(optimizer.describe(config, steps_per_epoch))
 
         ckpt = Checkpointer(workdir, save_every_steps=config.checkpoint_every_steps,
                             max_to_keep=config.max_to_keep, async_save=config.async_checkpointing, warn=warn)
@@ -413,7 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                     + (f"checkpoint saved in {ckpt.workdir / 'checkpoints' / str(saved)}; rerun the same command "
                        "to resume" if saved is not None else "nothing trained yet, nothing saved"))
                 break
-            final = evaluate_split(eval_fn, state, _eval_batches(config, info, eval_bs), mesh)
+            final = evaluate_split(eval_fn, state, eval_batches(config, info, eval_bs), mesh)
             _report_epoch(say, logger, step, epoch + 1, num_epochs, train_rows, final, time.perf_counter() - t_start)
             epoch_meta = {**meta, "epoch": epoch + 1, "test_top1": final["top1"]}
             save(state, step, epoch_meta, force=True)
@@ -421,7 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 best_top1, best_epoch = final["top1"], epoch + 1
                 ckpt.save_best(step, state, data_position(), config_dict, epoch_meta, final["top1"])
         if not final and not stopped:  # nothing left to train (a finished run): just report
-            final = evaluate_split(eval_fn, state, _eval_batches(config, info, eval_bs), mesh)
+            final = evaluate_split(eval_fn, state, eval_batches(config, info, eval_bs), mesh)
         ckpt.wait()
     run_logging.plot_curves(workdir, title=f"{config.model} on {info.name}")
     wall = time.perf_counter() - t_start
@@ -447,101 +408,3 @@ def _init_weights_from(source: str | Path, state, mesh, *, new_head: bool):
     params = transfer_weights(state.params, src.state.params, new_head=new_head, what=what)
     stats = transfer_weights(state.batch_stats, src.state.batch_stats, new_head=new_head, what=what)
     return state.replace(params=parallel.replicate(params, mesh), batch_stats=parallel.replicate(stats, mesh))
-
-
-# --------------------------------------------------------------------------- restore helpers
-@dataclasses.dataclass
-class RestoredModel:
-    """A checkpointed model ready for inference: state on ``mesh`` plus what describes it."""
-
-    state: Any
-    graph: Any
-    config: ml_collections.ConfigDict
-    dataset_info: dict[str, Any]
-    step: int
-    mesh: Any
-
-    @property
-    def compute_dtype(self):
-        return compute_dtype(self.config)
-
-
-def restore_model(workdir: str | Path, which: str = "best", *, mesh=None) -> RestoredModel:
-    """Loads the newest (``which="latest"``) or best checkpoint of a run onto ``mesh`` (default: all devices).
-
-    Raises:
-      UserError: no checkpoint; :class:`~flax_resnet.checkpoint.UnreadableCheckpointError`
-        when it is damaged or does not fit the model its config names.
-    """
-    if not Path(workdir).is_dir():
-        raise UserError(f"run directory {workdir} does not exist; pass the --workdir given to `flax-resnet train`")
-    with Checkpointer(workdir, read_only=True) as ckpt:
-        step, config_dict, meta = ckpt.restore_config(which)
-        config = ml_collections.ConfigDict(config_dict)
-        info = meta.get("dataset_info") or {}
-        num_classes, in_channels = int(info["num_classes"]), int(info["image_shape"][-1])
-        # The schedule does not change the optimiser state's structure; any callable will do.
-        tx = create_optimizer(config, optax.constant_schedule(0.0))
-        mesh = parallel.create_mesh() if mesh is None else mesh
-        abstract, graph = abstract_train_state(config, num_classes, in_channels, tx, mesh)
-        state, _, _, _ = ckpt.restore(abstract, which, step=step)
-    return RestoredModel(state, graph, config, info, step, mesh)
-
-
-def evaluate(workdir: str | Path, *, which: str = "best", split: str | None = None,
-             data_dir: str | None = None) -> dict[str, Any]:
-    """Evaluates a run's checkpoint on a split (default: the one it was evaluated on).
-
-    Returns ``loss``, ``top1`` (``top5``), ``count``, ``step`` and ``split``.
-    """
-    from flax_resnet import data
-
-    m = restore_model(workdir, which)
-    config = m.config
-    if data_dir is not None:
-        config.data_dir = data_dir
-    info = data.get_dataset_info(config.dataset, config.data_dir, image_size=_image_size(config))
-    eval_bs = _eval_batch_size(config, m.mesh)
-    eval_fn = steps.jit_eval_step(m.mesh, graph=m.graph, num_classes=int(info.num_classes),
-                                  compute_dtype=m.compute_dtype)
-    out = evaluate_split(eval_fn, m.state, _eval_batches(config, info, eval_bs, split), m.mesh)
-    return {**out, "step": m.step, "split": split or config.get("eval_split") or info.eval_split,
-            "dataset": info.name, "model": config.model}
-
-
-def _open_image(path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot read image {path}: {e}; pass a PNG/JPEG/BMP/... file") from None
-
-
-def predict(workdir: str | Path, image_paths: Sequence[str | Path], *, which: str = "best",
-            top_k: int = 5) -> list[list[tuple[str, float]]]:
-    """Top-``k`` ``(class name, probability)`` for each image file, from a run's checkpoint."""
-    from flax_resnet import data
-
-    if not image_paths:
-        raise UserError("no images given; pass one or more image files: flax-resnet predict --workdir DIR IMG...")
-    missing = [str(p) for p in image_paths if not Path(p).is_file()]
-    if missing:
-        raise UserError(f"image file(s) not found: {', '.join(missing)}; check the paths")
-    m = restore_model(workdir, which)
-    info = data.get_dataset_info(m.config.dataset, m.config.data_dir, image_size=_image_size(m.config))
-    images = np.stack([np.asarray(data.preprocess_for_eval(_open_image(p), info), np.float32)
-                       for p in image_paths])
-    predict = steps.with_native_convs(
-        lambda s, x: steps.predict_step(s, x, graph=m.graph, compute_dtype=m.compute_dtype), m.mesh)
-    probs_fn = jax.jit(predict, compiler_options=steps.compiler_options(m.graph))
-    probs = np.asarray(jax.device_get(probs_fn(m.state, jnp.asarray(images))))
-    names = list(m.dataset_info.get("class_names") or info.class_names or [])
-    k = min(top_k, probs.shape[-1])
-    results = []
-    for p in probs:
-        idx = np.argsort(-p)[:k]
-        results.append([(names[i] if i < len(names) else str(i), float(p[i])) for i in idx])
-    return results

@@ -17,11 +17,13 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, traverse_util
 
-from flax_resnet import parallel
+from flax_resnet import cpu, models, parallel, pretrained
+from flax_resnet.errors import UserError
 
 PyTree = Any
+HEAD = "fc"  # the classifier's attribute (torchvision's name)
 
 
 @flax.struct.dataclass
@@ -47,9 +49,8 @@ class TrainState:
 class ModelGraph:
     """The static half of a split NNX model: one graph per BatchNorm mode.
 
-    ``cpu_fast_path``: some layer computes with ``conv_impl="auto"`` (the XLA:CPU
-    formulations of :mod:`flax_resnet.models.blocks`); the steps are then also compiled
-    with :func:`flax_resnet.training.steps.compiler_options`.
+    ``cpu_fast_path``: the model is built from :mod:`flax_resnet.cpu`'s layers; its steps are
+    then jitted with :func:`flax_resnet.cpu.jit`.
     """
 
     train_graph: nnx.GraphDef
@@ -73,14 +74,24 @@ def compute_dtype(config) -> Any:
     return jnp.bfloat16 if config.get("half_precision", False) else jnp.float32
 
 
-def create_model(config, num_classes: int, in_channels: int, *, seed: int | None = None) -> nnx.Module:
-    """The NNX model a config names (``config.model``), built through the model registry."""
-    from flax_resnet.models import create_model as _create
+def uses_cpu_fast_path(config) -> bool:
+    """Whether ``config``'s model is built from the CPU backend's layers: on the CPU backend unless
+    ``config.cpu_fast_path`` is False (or, in configs written before that field,
+    ``model_kwargs.conv_impl`` is ``"xla"``)."""
+    legacy = (config.get("model_kwargs", {}) or {}).get("conv_impl")
+    return bool(config.get("cpu_fast_path", True)) and legacy != "xla" and jax.default_backend() == "cpu"
 
+
+def create_model(config, num_classes: int, in_channels: int, *, seed: int | None = None) -> nnx.Module:
+    """The NNX model a config names (``config.model``), built through the model registry with the
+    CPU backend's layers where :func:`uses_cpu_fast_path`."""
     kwargs = dict(config.get("model_kwargs", {}) or {})
+    kwargs.pop("conv_impl", None)  # configs written before the CPU backend's split
     if config.get("zero_init_residual", False):
         kwargs["zero_init_residual"] = True
-    return _create(
+    if uses_cpu_fast_path(config):
+        kwargs.update(cpu.layers())
+    return models.create_model(
         config.model,
         num_classes=num_classes,
         in_channels=in_channels,
@@ -100,7 +111,7 @@ def split_model(model: nnx.Module, *, freeze_bn_stats: bool = False) -> tuple[Mo
     train_view = nnx.view(model, use_running_average=False, raise_if_not_found=False)
     if freeze_bn_stats:
         for path, module in nnx.iter_modules(train_view):
-            if isinstance(module, nnx.BatchNorm) and path[:1] != ("fc",):
+            if isinstance(module, nnx.BatchNorm) and path[:1] != (HEAD,):
                 module.use_running_average = True
     train_graph, params, batch_stats, rest = nnx.split(train_view, nnx.Param, nnx.BatchStat, ...)
     if jax.tree.leaves(rest):
@@ -108,40 +119,8 @@ def split_model(model: nnx.Module, *, freeze_bn_stats: bool = False) -> tuple[Mo
             f"model holds state other than nnx.Param/nnx.BatchStat, which training does not carry: {rest}"
         )
     eval_graph = nnx.graphdef(nnx.view(model, use_running_average=True, raise_if_not_found=False))
-    fast = any(getattr(m, "impl", None) == "auto" for _, m in nnx.iter_modules(model))
-    return (ModelGraph(train_graph, eval_graph, cpu_fast_path=fast), nnx.to_pure_dict(params),
+    return (ModelGraph(train_graph, eval_graph, cpu_fast_path=cpu.uses_fast_layers(model)), nnx.to_pure_dict(params),
             nnx.to_pure_dict(batch_stats))
-
-
-def weight_decay_mask(params: PyTree) -> PyTree:
-    """``True`` for conv/linear kernels (path ends in ``kernel``), ``False`` for every bias and BN scale/bias."""
-
-    def is_kernel(path, _):
-        last = path[-1]
-        name = getattr(last, "key", getattr(last, "name", last))
-        return name == "kernel"
-
-    return jax.tree_util.tree_map_with_path(is_kernel, params)
-
-
-def create_optimizer(config, learning_rate_fn: optax.Schedule,
-                     steps_per_epoch: int | None = None) -> optax.GradientTransformation:
-    """SGD with (Nesterov) momentum and L2 weight decay on kernels only.
-
-    ``add_decayed_weights`` before ``sgd`` adds ``wd * w`` to the gradient, i.e. the
-    paper's L2 regularisation ``wd/2 * ||w||^2`` (as PyTorch's ``SGD(weight_decay=...)``).
-    Fine-tuning options (frozen backbone, backbone learning-rate factor, gradual
-    unfreezing, which needs ``steps_per_epoch``) use per-group SGD instead:
-    :func:`flax_resnet.training.finetune.create_optimizer`.
-    """
-    from flax_resnet.training import finetune
-
-    if finetune.uses_param_groups(config):
-        return finetune.create_optimizer(config, learning_rate_fn, steps_per_epoch)
-    return optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
-        optax.sgd(learning_rate_fn, momentum=config.momentum or None, nesterov=config.nesterov),
-    )
 
 
 def init_train_state(
@@ -156,8 +135,6 @@ def init_train_state(
     """
     model = create_model(config, num_classes, in_channels)
     if load_pretrained and config.get("pretrained"):
-        from flax_resnet import pretrained
-
         pretrained.load_pretrained(model, config.pretrained,
                                    load_head=bool(config.get("keep_pretrained_head", False)))
     graph, params, batch_stats = split_model(model, freeze_bn_stats=bool(config.get("freeze_bn_stats", False)))
@@ -207,9 +184,6 @@ def count_params(params: PyTree) -> int:
     return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
-HEAD = "fc"  # the classifier's attribute (torchvision's name)
-
-
 def transfer_weights(target: PyTree, source: PyTree, *, new_head: bool = False, head: str = HEAD,
                      what: str = "the source weights") -> PyTree:
     """``target`` (nested dict of arrays) with every leaf taken from ``source``.
@@ -222,10 +196,6 @@ def transfer_weights(target: PyTree, source: PyTree, *, new_head: bool = False, 
     Raises:
       UserError: naming the paths that are missing, extra or of another shape.
     """
-    from flax import traverse_util
-
-    from flax_resnet.errors import UserError
-
     flat_t = traverse_util.flatten_dict(target)
     flat_s = traverse_util.flatten_dict(source)
     fresh = lambda path: new_head and path[0] == head  # noqa: E731

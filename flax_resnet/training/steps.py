@@ -10,14 +10,13 @@ statistics are all over the *global* batch.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from flax_resnet import native, parallel
+from flax_resnet import cpu, parallel
 from flax_resnet.training.state import ModelGraph, TrainState
 
 Batch = dict[str, jax.Array]
@@ -125,49 +124,11 @@ def predict_step(state: TrainState, images: jax.Array, *, graph: ModelGraph, com
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
-_YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
-
-
-def ynn_fusion_options(*kinds: str) -> dict[str, str]:
-    """Compiler options that hand XLA:CPU's YNNPACK exactly these fusion kinds (e.g. "REDUCE")."""
-    return {_YNN_FLAG: ",".join(f"LIBRARY_FUSION_TYPE_{kind}" for kind in kinds)}
-
-
-# YNNPACK for individual matmuls and for reductions (without them BatchNorm's statistics are ~10x
-# slower), not for convolutions; its elementwise fusions cost ResNet-20 13% (BUILD_NOTES.md,
-# "Performance").
-CPU_COMPILER_OPTIONS = ynn_fusion_options("INDIVIDUAL_DOT", "REDUCE")
-
-
-def compiler_options(graph: ModelGraph) -> dict[str, str] | None:
-    """XLA options for a model's steps: with ``conv_impl="auto"`` on CPU, YNNPACK for matmuls and reductions.
-
-    This jaxlib hands convolutions to YNNPACK by default; XLA's own (Eigen) convolutions
-    are up to 1.8x faster on the CPUs we measured (3x3, 32-64 channels; BUILD_NOTES.md,
-    "Performance"), while YNNPACK's matmuls stay the fastest. Their rounding depends on the
-    per-device batch, which is why the plain ``"xla"`` path keeps XLA's defaults. None on
-    GPU/TPU, for ``"xla"`` models, or when ``XLA_FLAGS`` sets the YNNPACK fusions (yours wins).
-    """
-    if not graph.cpu_fast_path or jax.default_backend() != "cpu" or _YNN_FLAG in os.environ.get("XLA_FLAGS", ""):
-        return None
-    return dict(CPU_COMPILER_OPTIONS)
-
-
-def with_native_convs(fn, mesh):
-    """``fn`` traced with :mod:`flax_resnet.native`'s CPU convolutions only on a one-device mesh.
-
-    The native kernels are custom calls that XLA's SPMD partitioner does not split: on a mesh
-    of several devices it would gather the whole batch onto each. There the steps use XLA's
-    convolutions (the same values up to float rounding).
-    """
-    on = mesh.devices.size == 1
-
-    @functools.wraps(fn)
-    def traced(*args, **kwargs):
-        with native.enabled(on):
-            return fn(*args, **kwargs)
-
-    return traced
+def _jit(fn, mesh, graph: ModelGraph, **kwargs):
+    """``jax.jit``, or :func:`flax_resnet.cpu.jit` for a model built from the CPU backend's layers."""
+    if graph.cpu_fast_path:
+        return cpu.jit(fn, mesh=mesh, **kwargs)
+    return jax.jit(fn, **kwargs)
 
 
 def jit_train_step(
@@ -186,16 +147,20 @@ def jit_train_step(
         num_classes=num_classes, label_smoothing=label_smoothing, compute_dtype=compute_dtype,
     )
     rep, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
-    return jax.jit(with_native_convs(fn, mesh), in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0,
-                   compiler_options=compiler_options(graph))
+    return _jit(fn, mesh, graph, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
 
 
 def jit_eval_step(mesh, *, graph: ModelGraph, num_classes: int, compute_dtype: Any = jnp.float32):
     """``eval_step`` jitted: state replicated, batch sharded, sums replicated."""
     fn = functools.partial(eval_step, graph=graph, num_classes=num_classes, compute_dtype=compute_dtype)
     rep, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
-    return jax.jit(with_native_convs(fn, mesh), in_shardings=(rep, data), out_shardings=rep,
-                   compiler_options=compiler_options(graph))
+    return _jit(fn, mesh, graph, in_shardings=(rep, data), out_shardings=rep)
+
+
+def jit_predict_step(mesh, *, graph: ModelGraph, compute_dtype: Any = jnp.float32):
+    """``predict_step`` jitted for ``mesh``: class probabilities of a batch of images."""
+    fn = functools.partial(predict_step, graph=graph, compute_dtype=compute_dtype)
+    return _jit(fn, mesh, graph)
 
 
 def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""The native CPU convolutions (flax_resnet/native): against XLA's, in the models, and their fallbacks."""
+"""The native CPU convolutions (flax_resnet/cpu/native): against XLA's, in the fast layers, and their fallbacks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from unittest import mock
 
 import chex
 import jax
@@ -14,8 +15,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import native
-from flax_resnet.models import blocks
+from flax_resnet import cpu, parallel
+from flax_resnet.configs import load_config
+from flax_resnet.cpu import native
+from flax_resnet.models import Layers
+from flax_resnet.training import split_model, train_and_evaluate
 
 HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the native kernels cannot be built")
@@ -55,11 +59,11 @@ def test_forward_and_kernel_gradient_match_xla(geom):
     got = jax.jit(lambda x, k: native.conv_forward(x, k, stride, pads))(x, k)
     assert got.shape == want.shape
     scale = float(jnp.max(jnp.abs(want)))
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * scale)
+    chex.assert_trees_all_close(got, want, rtol=0, atol=2e-6 * scale)
     g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
     dw_want = jax.vjp(lambda k: _lax(x, k, stride, pads), k)[1](g)[0]
     dw = jax.jit(lambda x, g: native.conv_wgrad(x, g, (kh, kw), stride, pads))(x, g)
-    np.testing.assert_allclose(dw, dw_want, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(dw_want))))
+    chex.assert_trees_all_close(dw, dw_want, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(dw_want))))
     # Deterministic: the same sums in the same order on every call (bit-exact resumes rely on it).
     chex.assert_trees_all_equal(jax.jit(lambda x, g: native.conv_wgrad(x, g, (kh, kw), stride, pads))(x, g), dw)
 
@@ -100,10 +104,8 @@ def _loss(module, x):
     (16, 32, 2, 9, 2),   # stride 2, odd: XLA's input gradient
 ])
 def test_model_convolutions_use_the_kernels_and_match_xla(cin, cout, stride, size, calls):
-    from unittest import mock
-
-    fast = blocks.Layers(nnx.Rngs(0)).conv(cin, cout, 3, stride)
-    plain = blocks.Layers(nnx.Rngs(0), conv_impl="xla").conv(cin, cout, 3, stride)
+    fast = Layers(nnx.Rngs(0), **cpu.layers()).conv(cin, cout, 3, stride)
+    plain = Layers(nnx.Rngs(0)).conv(cin, cout, 3, stride)
     x = jax.random.normal(jax.random.key(1), (3, size, size, cin))
     with mock.patch.object(native, "conv_forward", wraps=native.conv_forward) as fwd, \
          mock.patch.object(native, "conv_wgrad", wraps=native.conv_wgrad) as wgrad:
@@ -117,22 +119,15 @@ def test_model_convolutions_use_the_kernels_and_match_xla(cin, cout, stride, siz
     chex.assert_trees_all_close(g_fast[1], g_plain[1], atol=1e-5, rtol=1e-5)
 
 
-def test_steps_use_the_kernels_on_one_device_only():
-    from jax.sharding import Mesh
-
-    from flax_resnet.models import create_model
-    from flax_resnet.training import steps
-    from flax_resnet.training.state import split_model
-
-    graph, params, stats = split_model(create_model("resnet8", num_classes=10))
+def test_cpu_jit_uses_the_kernels_on_one_device_only():
+    graph, params, stats = split_model(cpu.create_model("resnet8", num_classes=10))
     x = jnp.zeros((8, 32, 32, 3), jnp.float32)
 
     def fwd(params, x):
         return graph.apply(params, stats, x, train=False)[0]
 
     for devices, expect in ((jax.devices()[:1], True), (jax.devices(), len(jax.devices()) == 1)):
-        mesh = Mesh(np.array(devices), ("data",))
-        hlo = jax.jit(steps.with_native_convs(fwd, mesh)).lower(params, x).as_text()
+        hlo = cpu.jit(fwd, mesh=parallel.create_mesh(devices)).lower(params, x).as_text()
         assert ("flax_resnet_conv_forward" in hlo) == expect, len(devices)
 
 
@@ -142,10 +137,10 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_without_a_compiler_or_when_disabled_xla_convolutions_are_used(tmp_path):
-    code = ("import warnings, jax.numpy as jnp; from flax_resnet import native, create_model;"
+    code = ("import warnings, jax.numpy as jnp; from flax_resnet import cpu;"
             "warnings.simplefilter('always');"
-            "m = create_model('resnet8'); m.eval(); print(float(m(jnp.ones((1, 32, 32, 3))).sum()));"
-            "s = native.status(); print(s['available'], s['error'])")
+            "m = cpu.create_model('resnet8'); m.eval(); print(float(m(jnp.ones((1, 32, 32, 3))).sum()));"
+            "s = cpu.native.status(); print(s['available'], s['error'])")
     broken = _python(code, CXX="false", PATH=str(tmp_path), FLAX_RESNET_NATIVE_DIR=str(tmp_path / "lib"))
     assert broken.returncode == 0, broken.stderr
     assert "False RuntimeError: no C++ compiler found" in broken.stdout
@@ -162,11 +157,6 @@ def test_without_a_compiler_or_when_disabled_xla_convolutions_are_used(tmp_path)
 def test_one_device_training_with_the_kernels_resumes_bit_for_bit(digits_data_dir, tmp_path):
     """The README's main job runs on one CPU device, so through the kernels: stopping at step 4 and
     resuming to 8 gives the very state of 8 straight steps (the kernels' sums are deterministic)."""
-    from unittest import mock
-
-    from flax_resnet import parallel
-    from flax_resnet.configs import load_config
-    from flax_resnet.training import train_and_evaluate
     from helpers import restore_state, train_argv
 
     one = parallel.create_mesh(jax.devices()[:1])

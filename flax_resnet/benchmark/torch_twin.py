@@ -8,21 +8,24 @@ extensions cover the CIFAR networks of He et al. (2015): ``stem="cifar"`` (3x3/1
 max-pool) with free ``widths``/``stem_width``, and ``shortcut="A"`` (parameter-free strided
 identity with zero-padded channels, half before and half after, as ours).
 
-Used by the pretrained-weight parity tests, the benchmark's ``--compare-torch`` and anything
-else that needs "the same network in PyTorch". PyTorch is imported lazily: importing this
-module does not need it; the classes (``BasicBlock``, ``Bottleneck``, ``ResNet``) are built on
-first attribute access.
+The twin the benchmark's ``--compare-torch`` times, and the reference of the parity tests.
+PyTorch is imported lazily: importing this module does not need it; the classes
+(``BasicBlock``, ``Bottleneck``, ``ResNet``) are built on first attribute access.
 
-    >>> from flax_resnet import torch_reference
-    >>> m = torch_reference.create_torch_model("resnet20")          # a registered name
-    >>> m = torch_reference.ResNet(torch_reference.Bottleneck, [3, 4, 6, 3])   # torchvision's resnet50
+    >>> from flax_resnet.benchmark import torch_twin
+    >>> m = torch_twin.create_torch_model("resnet20")          # a registered name
+    >>> m = torch_twin.ResNet(torch_twin.Bottleneck, [3, 4, 6, 3])   # torchvision's resnet50
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from flax_resnet import pretrained
 from flax_resnet.errors import UserError
+from flax_resnet.models import get_spec
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "create_torch_model", "load_flax_weights"]
 
@@ -172,8 +175,6 @@ def create_torch_model(name: str, num_classes: int | None = None, in_channels: i
     Raises:
       UserError: the model has no PyTorch reference here (pre-activation, plain, article).
     """
-    from flax_resnet.models.registry import get_spec
-
     spec = get_spec(name)
     kw = {**spec.kwargs, **overrides}
     block = {"basic": "BasicBlock", "bottleneck": "Bottleneck"}.get(kw.get("block"))
@@ -189,10 +190,6 @@ def create_torch_model(name: str, num_classes: int | None = None, in_channels: i
 
 def load_flax_weights(torch_model, params, batch_stats) -> None:
     """Copies our ``(params, batch_stats)`` into ``torch_model`` (strict: every key must match)."""
-    import numpy as np
-
-    from flax_resnet import pretrained
-
     torch = _torch()
     own = torch_model.state_dict()
     sd = {k: torch.from_numpy(np.array(v)) for k, v in pretrained.to_torch_state_dict(params, batch_stats).items()}

@@ -1,11 +1,11 @@
 """Native CPU convolutions: direct float32 kernels behind XLA's FFI, built on first use.
 
 XLA:CPU's convolutions (Eigen's, or YNNPACK's) run the narrow 3x3 convolutions of residual
-networks at well under half of this CPU's FMA peak (BUILD_NOTES.md, "Performance"). The
+networks at well under half of the CPU's FMA peak (docs/performance.md). The
 kernels in ``conv_kernels.h`` are register-blocked direct convolutions for NHWC/HWIO float32
 (forward and kernel gradient; the input gradient is a forward convolution of the output
 gradient), vectorised with GCC vector extensions for whatever the host has (AVX2, AVX-512) and
-threaded on XLA's own intra-op pool. :mod:`flax_resnet.models.blocks` calls them through
+threaded on XLA's own intra-op pool. :mod:`flax_resnet.cpu.convs` calls them through
 :func:`conv_forward` and :func:`conv_wgrad` where :func:`supports` says so, and XLA's
 convolutions everywhere else.
 
@@ -15,8 +15,8 @@ with the host's C++ compiler (``$CXX``, else ``c++``/``g++``) into
 overrides) and loaded from there afterwards. Without a compiler (or when the build fails:
 one ``RuntimeWarning`` says why), or with ``FLAX_RESNET_NO_NATIVE_CONV=1``, :func:`available`
 is False and every convolution is XLA's. The kernels have no JAX differentiation rules of
-their own: they sit inside ``custom_vjp`` rules (``blocks.conv_kxk``), so first derivatives
-work and higher ones (a gradient of a gradient, ``jax.jvp``) need ``conv_impl="xla"``.
+their own: they sit inside ``custom_vjp`` rules (``cpu.convs.conv_kxk``), so first derivatives
+work and higher ones (a gradient of a gradient, ``jax.jvp``) need the plain layers.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def build(compiler: str, out: Path) -> None:
 
 
 def _load() -> None:
-    if parallel._env_flag(ENV_DISABLE):
+    if parallel.env_flag(ENV_DISABLE):
         _state["error"] = f"{ENV_DISABLE} is set"
         return
     compiler = _compiler()
@@ -143,11 +143,8 @@ def status() -> dict:
 
 
 # Shapes the kernels serve: at most this many channels (in or out) per operation, at least 8 in.
-# Measured on a 2-core AVX2 host against XLA:CPU's own convolutions (`cpu_probes.py native`;
-# BUILD_NOTES.md, "Performance"): the forward kernel wins up to 256 channels (3x3: 1.1-2.2x),
-# the kernel gradient up to 64 (1.0-4.4x against the channel-major gradient "auto" uses
-# otherwise); beyond, XLA's are as fast or faster. With fewer than 8 input channels (an RGB
-# stem) the kernel's inner loop is too short.
+# The crossovers against XLA:CPU's own convolutions come from `cpu_probes.py native`
+# (docs/performance.md); with fewer than 8 input channels (an RGB stem) the inner loop is too short.
 MAX_CHANNELS = {"forward": 256, "wgrad": 64}
 MIN_IN_CHANNELS = 8
 
@@ -158,8 +155,8 @@ class enabled:
     """``with native.enabled(False):`` traces convolutions without the native kernels.
 
     The kernels are single-device custom calls: XLA's SPMD partitioner would gather a sharded
-    batch onto every device to run them. :func:`flax_resnet.training.steps.jit_train_step` (and
-    the eval/predict steps) therefore trace with them only on a one-device mesh.
+    batch onto every device to run them. :func:`flax_resnet.cpu.jit` therefore traces with them
+    only on a one-device mesh.
     """
 
     def __init__(self, on: bool):

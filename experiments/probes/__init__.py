@@ -1,0 +1,1 @@
+"""What ``experiments/cpu_probes.py`` runs: single operations, our real steps, numerics."""

@@ -1,0 +1,80 @@
+"""The CPU backend: everything that makes ResNets fast on XLA:CPU, in one place.
+
+* :class:`FastConv`, :class:`FastBatchNorm` (:mod:`~flax_resnet.cpu.fast_layers`): drop-in
+  substitutes for the model's layer classes, passed through the layer factory
+  (:func:`layers`); the same parameters, computed with custom-VJP formulations
+  (:mod:`~flax_resnet.cpu.convs`, :mod:`~flax_resnet.cpu.batchnorm`) and native direct
+  convolution kernels behind XLA's FFI (:mod:`~flax_resnet.cpu.native`, built on first use).
+* :func:`jit`: ``jax.jit`` with the XLA:CPU compiler options (:mod:`~flax_resnet.cpu.xla`) and
+  the native kernels traced in on one-device meshes only.
+* :func:`tune_host_allocator` (:mod:`~flax_resnet.cpu.allocator`): a process-wide setting the
+  ``flax-resnet`` command turns on; opt-in from Python.
+
+Training on CPU uses the fast layers unless ``config.cpu_fast_path`` is False. From Python::
+
+    model = flax_resnet.cpu.create_model("resnet20")   # == create_model(..., **cpu.layers())
+    step = flax_resnet.cpu.jit(train_step)
+
+The fast layers are differentiable once (``jax.grad``); ``jax.jvp``, Hessians, gradients of
+gradients and ``jax.export`` need the plain model that :func:`flax_resnet.models.create_model`
+returns.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+from flax_resnet.cpu import native, xla
+from flax_resnet.cpu.allocator import ENV_NO_MALLOC_TUNING, host_allocator_tuned, tune_host_allocator
+from flax_resnet.cpu.fast_layers import FastBatchNorm, FastConv
+from flax_resnet.cpu.xla import COMPILER_OPTIONS, compiler_options
+from flax_resnet.models import registry
+
+
+def layers() -> dict[str, type]:
+    """The layer classes of the CPU backend, as keyword arguments of ``create_model`` / ``ResNet``."""
+    return {"conv": FastConv, "norm": FastBatchNorm}
+
+
+def create_model(name: str, num_classes: int | None = None, **kwargs: Any):
+    """:func:`flax_resnet.models.create_model` with the CPU backend's layers."""
+    return registry.create_model(name, num_classes, **layers(), **kwargs)
+
+
+def uses_fast_layers(model: nnx.Module) -> bool:
+    """Whether any layer of ``model`` is one of the CPU backend's."""
+    return any(isinstance(m, (FastConv, FastBatchNorm)) for _, m in nnx.iter_modules(model))
+
+
+def with_native_convs(fn: Callable, on: bool) -> Callable:
+    """``fn`` traced with the native kernels (``on``) or with XLA's convolutions everywhere.
+
+    The kernels are custom calls that XLA's SPMD partitioner does not split: on a mesh of
+    several devices it would gather the whole batch onto each. There the fast layers use
+    XLA's convolutions inside the same custom-VJP formulations.
+    """
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with native.enabled(on):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
+def jit(fn: Callable, *, mesh: jax.sharding.Mesh | None = None, compiler_options: dict | None = None,
+        **jit_kwargs: Any):
+    """``jax.jit(fn)`` for a function of a model with the fast layers: the XLA:CPU compiler options,
+    and the native kernels where the computation runs on one device (``mesh``'s, else all devices)."""
+    devices = mesh.devices.size if mesh is not None else jax.device_count()
+    options = {**xla.compiler_options(), **(compiler_options or {})}
+    return jax.jit(with_native_convs(fn, devices == 1), compiler_options=options or None, **jit_kwargs)
+
+
+__all__ = ["COMPILER_OPTIONS", "ENV_NO_MALLOC_TUNING", "FastBatchNorm", "FastConv", "compiler_options", "create_model",
+           "host_allocator_tuned", "jit", "layers", "native", "tune_host_allocator", "uses_fast_layers",
+           "with_native_convs"]

@@ -1,0 +1,45 @@
+"""Evaluation over a whole split: the batches a config names and the masked sums of the eval step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flax_resnet import data, parallel
+from flax_resnet.errors import UserError
+from flax_resnet.training import steps
+
+
+def image_size(config) -> int | None:
+    """``config.image_size`` (side of variable-size images, e.g. folders); None: the dataset's default."""
+    return int(config.get("image_size", 0) or 0) or None
+
+
+def eval_batch_size(config, mesh) -> int:
+    bs = int(config.get("eval_batch_size", 0) or 0) or int(config.batch_size)
+    parallel.check_batch_size(bs, mesh, "eval_batch_size" if config.get("eval_batch_size") else "batch_size")
+    return bs
+
+
+def evaluate_split(eval_fn, state, batches, mesh) -> dict[str, float]:
+    """Runs ``eval_fn`` over every batch of a split; sums stay on device until the end.
+
+    Batches carry a ``mask`` (the final one is padded), so every example is counted once.
+    Returns ``loss``, ``top1`` (``top5``) and ``count``.
+    """
+    sums = None
+    for batch in batches:
+        out = eval_fn(state, parallel.shard_batch(batch, mesh))
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    if sums is None:
+        raise UserError("the evaluation split is empty; check --config.eval_split and the dataset")
+    return steps.summarize_eval(jax.device_get(sums))
+
+
+def eval_batches(config, info, batch_size, split=None):
+    """This process's eval batches of ``split`` (default: the config's, else the dataset's test split)."""
+    return data.eval_batches(
+        config.dataset, batch_size=parallel.per_process_batch_size(batch_size), data_dir=config.data_dir,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        split=split or config.get("eval_split") or None, image_size=image_size(config),
+    )
