@@ -1,6 +1,6 @@
 """The article's training setup: its network, SGD lr 0.1, momentum 0.9, batch 128, 10 epochs.
 
-    python experiments/article.py --quick              # 5 steps on digits: ~20 s on 2 CPU cores
+    python experiments/article.py --quick              # 2 steps on digits: ~20 s on 2 CPU cores
     python experiments/article.py                      # the full setup (CIFAR-10 if prepared, else digits)
 
 Trains ``article_resnet`` (the article's network, fixed: 7x7/2 stem, four residual blocks
@@ -18,54 +18,54 @@ Writes ``article.{csv,json}`` (one row per epoch: train loss/error, test loss/er
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-QUICK = {"steps": 5, "batch_size": 16}
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # `common` sits beside the scripts, however a script is loaded
+    sys.path.insert(0, _HERE)
+from common import cmdline, report, runs  # noqa: E402
+
+QUICK = {"steps": 2, "batch_size": 16}
 
 
 def parse(argv):
-    from flax_resnet.experiments import experiment_parser, parse_experiment_args
-
-    p = experiment_parser(__doc__, "article", "a few steps on digits (used by the tests)",
-                          steps_help="training steps (default: the recipe's 10 epochs)",
-                          batch_help="global batch (default 128)",
-                          fresh_help="delete an earlier run in --outdir/run first")
-    return parse_experiment_args(p, argv, QUICK)
+    p = cmdline.experiment_parser(__doc__, "article", "a few steps on digits (used by the tests)",
+                                  steps_help="training steps (default: the recipe's 10 epochs)",
+                                  batch_help="global batch (default 128)",
+                                  fresh_help="delete an earlier run in --outdir/run first")
+    return cmdline.parse_experiment_args(p, argv, QUICK)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args, user_overrides = parse(argv)
-    from pathlib import Path
-
-    from flax_resnet import experiments as ex
-
-    dataset, note = ex.experiment_dataset(args)
+    dataset, note = runs.experiment_dataset(args)
     out = Path(args.outdir)
-    overrides = {"dataset": dataset, **ex.run_overrides(args)}
-    print(f"article: cifar10_article recipe on {dataset}; machine: {ex.machine()}")
-    r = ex.run_recipe("cifar10_article", out / "run", overrides, extra_overrides=user_overrides, fresh=args.fresh)
+    overrides = {"dataset": dataset, **cmdline.run_overrides(args)}
+    print(f"article: cifar10_article recipe on {dataset}; machine: {runs.machine()}")
+    r = runs.run_recipe("cifar10_article", out / "run", overrides, extra_overrides=user_overrides, fresh=args.fresh)
 
-    cmd = ex.command_line("article.py", argv)
-    summary = {**r.summary_row(), "command": cmd, "machine": ex.machine(), "note": note, "quick": args.quick,
+    cmd = cmdline.command_line("article.py", argv)
+    summary = {**r.summary_row(), "command": cmd, "machine": runs.machine(), "note": note, "quick": args.quick,
                "setup": {k: r.config[k] for k in ("model", "batch_size", "learning_rate", "momentum", "weight_decay",
                                                   "schedule", "num_epochs", "num_train_steps", "augment")},
                "deviations": "CIFAR-10: horizontal flips on top of the article's RandomCrop(32, padding=4); "
-                             "digits: 2-pixel padding, no flips"}
-    written = ex.write_table(r.epoch_rows(), out / "article", meta={"command": cmd, "machine": ex.machine(),
-                                                                    "dataset": dataset, "note": note})
-    written.append(ex.write_json(summary, out / "article_summary.json"))
+               "digits: 2-pixel padding, no flips"}
+    written = report.write_table(r.epoch_rows(), out / "article", meta={"command": cmd, "machine": runs.machine(),
+                                                                        "dataset": dataset, "note": note})
+    written.append(report.write_json(summary, out / "article_summary.json"))
     (ts, tr), (es, te) = r.training_error_curve(), r.test_error_curve()
-    written.append(ex.plot_lines(
+    written.append(report.plot_lines(
         out / "article.png",
-        [("article_resnet", [ex.Series("train error (per log interval)", ts, tr, {"lw": 0.9}),
-                             ex.Series("test error (per epoch)", es, te, {"lw": 2, "marker": "o", "ms": 4})])],
+        [("article_resnet", [report.Series("train error (per log interval)", ts, tr, {"lw": 0.9}),
+                             report.Series("test error (per epoch)", es, te, {"lw": 2, "marker": "o", "ms": 4})])],
         xlabel="iteration", ylabel="error (%)", ylim=(0, 100),
         suptitle=f"the article's setup on {dataset}" + (" (quick mode)" if args.quick else "")))
 
     print(f"\narticle_resnet on {dataset}: final test error {summary['final_test_error']:.2f}% "
           f"(top-1 {100 - summary['final_test_error']:.2f}%), best {summary['best_test_error']:.2f}% at epoch "
           f"{summary['best_epoch']}, {summary['steps']} steps in {summary['wall_s']:.0f}s")
-    ex.report_written(written)
+    report.report_written(written)
     return {"summary": summary, "files": [str(p) for p in written], "dataset": dataset}
 
 

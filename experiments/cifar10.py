@@ -21,71 +21,80 @@ Writes ``cifar10.{csv,json}`` (one row per depth), ``cifar10_epochs.{csv,json}``
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # `common` sits beside the scripts, however a script is loaded
+    sys.path.insert(0, _HERE)
+from common import cmdline, report, runs  # noqa: E402
+from common.references import PAPER_CIFAR10_TEST_ERROR  # noqa: E402
+
+from flax_resnet.configs import get_config, list_configs  # noqa: E402
+
+# The run of degradation's quick ResNet-20 (recipe, batch, steps): its compiled programs come from the cache.
 QUICK = {"depths": [20], "steps": 5, "batch_size": 16}
 
 
 def parse(argv):
-    from flax_resnet.experiments import experiment_parser, parse_experiment_args
-
-    p = experiment_parser(__doc__, "cifar10", "ResNet-20, a few steps on digits (used by the tests)",
-                          steps_help="training steps per network (default: the recipe's)",
-                          fresh_help="delete earlier runs in --outdir/runs first")
+    p = cmdline.experiment_parser(__doc__, "cifar10", "ResNet-20, a few steps on digits (used by the tests)",
+                                  steps_help="training steps per network (default: the recipe's)",
+                                  fresh_help="delete earlier runs in --outdir/runs first")
     p.add_argument("--depths", type=int, nargs="+", default=None, help="default 20 32 44 56 110")
-    return parse_experiment_args(p, argv, QUICK, {"depths": [20, 32, 44, 56, 110]})
+    return cmdline.parse_experiment_args(p, argv, QUICK, {"depths": [20, 32, 44, 56, 110]})
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args, user_overrides = parse(argv)
-    from pathlib import Path
-
-    from flax_resnet import experiments as ex
-    from flax_resnet.configs import get_config, list_configs
-
-    dataset, note = ex.experiment_dataset(args)
+    dataset, note = runs.experiment_dataset(args)
     out = Path(args.outdir)
-    print(f"cifar10: depths {args.depths} on {dataset}; machine: {ex.machine()}")
+    print(f"cifar10: depths {args.depths} on {dataset}; machine: {runs.machine()}")
 
     rows, epochs, results = [], [], {}
     for depth in args.depths:
         model = f"resnet{depth}"
         own = f"cifar10_{model}"
-        recipe = (own if own in list_configs() else "cifar10_resnet20") if dataset == "cifar10" else ex.recipe_for(dataset)
-        overrides = {"model": model, "dataset": dataset, **ex.run_overrides(args)}
-        r = ex.run_recipe(recipe, out / "runs" / model, overrides, extra_overrides=user_overrides, fresh=args.fresh)
+        if dataset == "cifar10":
+            recipe = own if own in list_configs() else "cifar10_resnet20"
+        else:
+            recipe = runs.recipe_for(dataset)
+        overrides = {"model": model, "dataset": dataset, **cmdline.run_overrides(args)}
+        r = runs.run_recipe(recipe, out / "runs" / model, overrides, extra_overrides=user_overrides, fresh=args.fresh)
         results[model] = r
         full_steps = get_config(recipe).num_train_steps
         row = {**r.summary_row(), "depth": depth, "recipe": recipe,
-               "paper_test_error": ex.PAPER_CIFAR10_TEST_ERROR.get(model)}
+               "paper_test_error": PAPER_CIFAR10_TEST_ERROR.get(model)}
         row["comparable"] = dataset == "cifar10" and full_steps > 0 and row["steps"] >= full_steps
         rows.append(row)
         epochs += r.epoch_rows()
 
-    cmd = ex.command_line("cifar10.py", argv)
-    meta = {"command": cmd, "machine": ex.machine(), "dataset": dataset, "note": note, "quick": args.quick,
+    cmd = cmdline.command_line("cifar10.py", argv)
+    meta = {"command": cmd, "machine": runs.machine(), "dataset": dataset, "note": note, "quick": args.quick,
             "user_overrides": user_overrides,
             "paper": "He et al. 2015, Table 6 (CIFAR-10 test error %; ResNet-110: best of 5 runs, mean 6.61)"}
-    written = ex.write_table(rows, out / "cifar10", meta=meta,
-                             columns=["model", "depth", "paper_test_error", "final_test_error", "best_test_error",
-                                      "comparable", "dataset", "recipe", "steps", "epochs", "final_train_error",
-                                      "compile_s", "wall_s", "images_per_sec"])
-    written += ex.write_table(epochs, out / "cifar10_epochs", meta={"command": cmd})
+    written = report.write_table(rows, out / "cifar10", meta=meta,
+                                 columns=["model", "depth", "paper_test_error", "final_test_error", "best_test_error",
+                                          "comparable", "dataset", "recipe", "steps", "epochs", "final_train_error",
+                                          "compile_s", "wall_s", "images_per_sec"])
+    written += report.write_table(epochs, out / "cifar10_epochs", meta={"command": cmd})
 
     depths = [r["depth"] for r in rows]
-    by_depth = ex.Series("paper (He et al. 2015)", [d for d in depths if f"resnet{d}" in ex.PAPER_CIFAR10_TEST_ERROR],
-                         [ex.PAPER_CIFAR10_TEST_ERROR[f"resnet{d}"] for d in depths
-                          if f"resnet{d}" in ex.PAPER_CIFAR10_TEST_ERROR], {"marker": "s", "color": "black"})
-    measured = ex.Series(f"measured ({dataset}{', not comparable' if not all(r['comparable'] for r in rows) else ''})",
-                         depths, [r["final_test_error"] for r in rows], {"marker": "o", "color": "tab:blue"})
+    published = [d for d in depths if f"resnet{d}" in PAPER_CIFAR10_TEST_ERROR]
+    by_depth = report.Series("paper (He et al. 2015)", published,
+                             [PAPER_CIFAR10_TEST_ERROR[f"resnet{d}"] for d in published],
+                             {"marker": "s", "color": "black"})
+    comparable = "" if all(r["comparable"] for r in rows) else ", not comparable"
+    measured = report.Series(f"measured ({dataset}{comparable})", depths, [r["final_test_error"] for r in rows],
+                             {"marker": "o", "color": "tab:blue"})
     curves = []
     for model, r in results.items():
         xs, ys = r.test_error_curve()
-        curves.append(ex.Series(model, xs, ys, {"marker": "o", "ms": 3}))
-    written.append(ex.plot_lines(out / "cifar10.png", [("final test error vs depth", [by_depth, measured]),
-                                                       ("test error during training", curves)],
-                                 xlabel=["depth", "iteration"], ylabel="test error (%)", sharey=False,
-                                 suptitle=f"CIFAR-10 recipe on {dataset}" + (" (quick mode)" if args.quick else "")))
+        curves.append(report.Series(model, xs, ys, {"marker": "o", "ms": 3}))
+    written.append(report.plot_lines(out / "cifar10.png", [("final test error vs depth", [by_depth, measured]),
+                                                           ("test error during training", curves)],
+                                     xlabel=["depth", "iteration"], ylabel="test error (%)", sharey=False,
+                                     suptitle=f"CIFAR-10 recipe on {dataset}"
+                                              + (" (quick mode)" if args.quick else "")))
 
     print(f"\n{'model':10s} {'paper err %':>11s} {'measured err %':>15s} {'best err %':>11s} {'steps':>7s}  comparable")
     for r in rows:
@@ -94,7 +103,7 @@ def main(argv=None):
               f"{r['steps']:7d}  {'yes' if r['comparable'] else 'no'}")
     if not all(r["comparable"] for r in rows):
         print("measured numbers marked 'no' are not comparable to the paper's (other data or a shortened schedule)")
-    ex.report_written(written)
+    report.report_written(written)
     return {"rows": rows, "files": [str(p) for p in written], "dataset": dataset}
 
 

@@ -15,19 +15,23 @@ the CIFAR pipeline delivers at least 5x what the ResNet-20 train step consumes
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # `common` sits beside the scripts, however a script is loaded
+    sys.path.insert(0, _HERE)
+from common import report, runs  # noqa: E402
+
+from flax_resnet.data import prepare, synthetic, train_iterator  # noqa: E402
 
 
 def make_jpeg_folder(root: str, classes: int, per_class: int, seed: int = 0) -> None:
-    from PIL import Image
-
-    from flax_resnet.data.synthetic import random_image
-
     rng = np.random.default_rng(seed)
     for split, n in (("train", per_class), ("val", max(1, per_class // 5))):
         for c in range(classes):
@@ -35,12 +39,11 @@ def make_jpeg_folder(root: str, classes: int, per_class: int, seed: int = 0) -> 
             os.makedirs(d, exist_ok=True)
             for i in range(n):
                 h, w = (int(v) for v in rng.integers(200, 501, size=2))
-                Image.fromarray(random_image(rng, (h, w, 3))).save(os.path.join(d, f"{i:05d}.jpg"), quality=90)
+                image = Image.fromarray(synthetic.random_image(rng, (h, w, 3)))
+                image.save(os.path.join(d, f"{i:05d}.jpg"), quality=90)
 
 
 def measure(name: str, data_dir: str, *, batch_size: int, batches: int, workers: int, image_size: int | None) -> dict:
-    from flax_resnet.data import train_iterator
-
     t0 = time.perf_counter()
     it = train_iterator(name, batch_size=batch_size, seed=0, data_dir=data_dir, num_workers=workers, image_size=image_size)
     next(it)
@@ -60,7 +63,7 @@ def measure(name: str, data_dir: str, *, batch_size: int, batches: int, workers:
     }
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="/tmp/flax_resnet_data_throughput")
     p.add_argument("--workers", type=int, default=2, help="the N of '0 and N workers'")
@@ -72,9 +75,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--image-size", type=int, default=224, help="output side for the JPEG folder")
     p.add_argument("--model-rate", type=float, default=600.0, help="img/s the ResNet-20 train step consumes")
-    args = p.parse_args()
-
-    from flax_resnet.data import prepare, synthetic
+    args = p.parse_args(argv)
 
     data_dir = os.path.join(args.workdir, "tfds")
     jpeg_root = os.path.join(args.workdir, "jpeg_folder")
@@ -101,7 +102,7 @@ def main() -> None:
     need = 5 * args.model_rate
     cifar_best = max(r["images_per_s"] for r in rows if r["pipeline"].startswith("CIFAR"))
     verdict = "PASS" if cifar_best >= need else "FAIL"
-    machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}"
+    machine = runs.machine()
     lines = [
         "# Input pipeline throughput",
         "",
@@ -117,8 +118,8 @@ def main() -> None:
     os.makedirs(args.workdir, exist_ok=True)
     with open(os.path.join(args.workdir, "data_throughput.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.workdir, "data_throughput.json"), "w") as f:
-        json.dump({"machine": machine, "args": vars(args), "rows": rows, "verdict": verdict}, f, indent=1)
+    report.write_json({"machine": machine, "args": vars(args), "rows": rows, "verdict": verdict},
+                      os.path.join(args.workdir, "data_throughput.json"))
     try:
         import matplotlib
 

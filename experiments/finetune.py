@@ -24,6 +24,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # `common` sits beside the scripts, however a script is loaded
+    sys.path.insert(0, _HERE)
+from common import cmdline, report, runs  # noqa: E402
+from common.references import REFERENCE_IMAGENET_RESNET50  # noqa: E402
+from common.standins import make_pattern_folder, write_random_weights  # noqa: E402
+
+from flax_resnet import cli  # noqa: E402
 
 QUICK = {"model": "resnet8", "overrides": ["--config.image_size=32", "--config.batch_size=8",
                                            "--config.num_epochs=1", "--config.log_every_steps=2"]}
@@ -49,25 +59,21 @@ def parse(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args, rest = parse(argv)
-    from pathlib import Path
-
-    from flax_resnet import cli
-    from flax_resnet import experiments as ex
-
     out = Path(args.outdir)
     workdir = out / "run"
     model = args.model or (QUICK["model"] if args.quick else "resnet50")
     if args.quick:
-        folder = ex.make_pattern_folder(out / "data" / "patterns")
+        folder = make_pattern_folder(out / "data" / "patterns")
         args.dataset = args.dataset or f"folder:{folder.resolve()}"
-        args.pretrained = args.pretrained or str(ex.write_random_weights(model, out / "weights" / f"random_{model}.safetensors"))
+        weights = out / "weights" / f"random_{model}.safetensors"
+        args.pretrained = args.pretrained or str(write_random_weights(model, weights))
         args.data_dir = args.data_dir or str(out / "tfds")
         rest = [*QUICK["overrides"], *rest]
         args.fresh = True
     if args.fresh:
-        ex.remove_run(workdir)
-    refs = ex.REFERENCE_IMAGENET_RESNET50["torchvision_v1_weights"]
-    print(f"finetune: {model} from {args.pretrained} on {args.dataset}; machine: {ex.machine()}")
+        runs.remove_run(workdir)
+    refs = REFERENCE_IMAGENET_RESNET50["torchvision_v1_weights"]
+    print(f"finetune: {model} from {args.pretrained} on {args.dataset}; machine: {runs.machine()}")
     print(f"reference: torchvision ResNet-50 V1 weights score {refs['top1']}% top-1 on ImageNet (the usual starting "
           "point); no published number exists for this folder")
     command = ["finetune", "--pretrained", args.pretrained, "--model", model, "--dataset", args.dataset,
@@ -77,25 +83,26 @@ def main(argv=None):
     if rc != 0:
         raise SystemExit(rc)
 
-    r = ex.read_run(workdir)
+    r = runs.read_run(workdir)
     epochs = r.epoch_rows()
     s = r.summary_row()
-    cmd = ex.command_line("finetune.py", argv)
-    meta = {"command": cmd, "cli": "flax-resnet " + " ".join(command), "machine": ex.machine(), "model": model,
+    cmd = cmdline.command_line("finetune.py", argv)
+    meta = {"command": cmd, "cli": "flax-resnet " + " ".join(command), "machine": runs.machine(), "model": model,
             "pretrained": args.pretrained, "dataset": args.dataset, "quick": args.quick, "summary": s,
             "reference": refs,
             "note": "random starting weights: checks the path, not the benefit of pretraining" if args.quick else None}
-    written = ex.write_table(epochs, out / "finetune", meta=meta)
+    written = report.write_table(epochs, out / "finetune", meta=meta)
     (ts, tr), (es, te) = r.training_error_curve(), r.test_error_curve()
-    written.append(ex.plot_lines(
+    written.append(report.plot_lines(
         out / "finetune.png",
-        [(f"fine-tuning {model}", [ex.Series("train error (per log interval)", ts, tr, {"lw": 0.9}),
-                                   ex.Series("validation error (per epoch)", es, te, {"lw": 2, "marker": "o"})])],
+        [(f"fine-tuning {model}", [report.Series("train error (per log interval)", ts, tr, {"lw": 0.9}),
+                                   report.Series("validation error (per epoch)", es, te, {"lw": 2, "marker": "o"})])],
         xlabel="iteration", ylabel="error (%)", ylim=(0, 100),
-        suptitle=f"flax-resnet finetune on {args.dataset.split('/')[-1]}" + (" (quick: random weights)" if args.quick else "")))
+        suptitle=f"flax-resnet finetune on {args.dataset.split('/')[-1]}"
+                 + (" (quick: random weights)" if args.quick else "")))
     print(f"\nfine-tuned {model}: final validation error {s['final_test_error']:.2f}%, best {s['best_test_error']:.2f}% "
           f"at epoch {s['best_epoch']} ({s['steps']} steps)")
-    ex.report_written(written)
+    report.report_written(written)
     return {"summary": s, "epochs": epochs, "files": [str(p) for p in written]}
 
 

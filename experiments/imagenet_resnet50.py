@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-TORCHVISION_RESNET50_PARAMS = 25_557_032
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # `common` sits beside the scripts, however a script is loaded
+    sys.path.insert(0, _HERE)
+from common import cmdline, report, runs  # noqa: E402
+from common.references import (IMAGENET_TRAIN_IMAGES, REFERENCE_IMAGENET_RESNET50,  # noqa: E402
+                               TORCHVISION_RESNET50_PARAMS)
 
 
 def parse(argv):
-    from flax_resnet.experiments import split_overrides
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="check the recipe without data or training (used by the tests)")
     p.add_argument("--outdir", default=None, help="output directory (default runs/experiments/imagenet_resnet50[_quick])")
@@ -41,7 +45,7 @@ def parse(argv):
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's 100 epochs)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (default 1024)")
     p.add_argument("--fresh", action="store_true", help="delete an earlier run in --outdir/run first")
-    args, overrides = split_overrides(p, argv)
+    args, overrides = cmdline.split_overrides(p, argv)
     args.outdir = args.outdir or f"runs/experiments/imagenet_resnet50{'_quick' if args.quick else ''}"
     return args, overrides
 
@@ -49,20 +53,16 @@ def parse(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args, user_overrides = parse(argv)
-    from pathlib import Path
-
-    from flax_resnet import experiments as ex
-
     out = Path(args.outdir)
-    refs = ex.REFERENCE_IMAGENET_RESNET50
+    refs = REFERENCE_IMAGENET_RESNET50
     overrides = {}
     for key, value in (("num_train_steps", args.steps), ("batch_size", args.batch_size), ("data_dir", args.data_dir)):
         if value is not None:
             overrides[key] = value
     print(f"imagenet_resnet50 recipe; references: Flax example {refs['flax_imagenet_example']['top1']}% top-1 in "
-          f"100 epochs, torchvision V1 weights {refs['torchvision_v1_weights']['top1']}%; machine: {ex.machine()}")
-    plan = ex.recipe_plan("imagenet_resnet50", ex.IMAGENET_TRAIN_IMAGES, num_classes=1000,
-                          overrides=[*ex.as_overrides(overrides), *user_overrides])
+          f"100 epochs, torchvision V1 weights {refs['torchvision_v1_weights']['top1']}%; machine: {runs.machine()}")
+    plan = runs.recipe_plan("imagenet_resnet50", IMAGENET_TRAIN_IMAGES, num_classes=1000,
+                            overrides=[*cmdline.as_overrides(overrides), *user_overrides])
     print(f"recipe plan on ImageNet: {plan['model']} ({plan['params']:,} params; torchvision "
           f"{TORCHVISION_RESNET50_PARAMS:,}), batch {plan['batch_size']}, {plan['steps_per_epoch']} steps/epoch, "
           f"{plan['total_steps']} steps ({plan['epochs']:.0f} epochs), peak lr {plan['peak_lr']:.3g}")
@@ -76,9 +76,9 @@ def main(argv=None):
     epochs = []
     dataset = None
     if not args.quick:
-        dataset, _ = ex.choose_dataset(args.dataset, data_dir=args.data_dir)  # fails with the prepare command
-        r = ex.run_recipe("imagenet_resnet50", out / "run", {**overrides, "dataset": dataset},
-                          extra_overrides=user_overrides, fresh=args.fresh)
+        dataset, _ = runs.choose_dataset(args.dataset, data_dir=args.data_dir)  # fails with the prepare command
+        r = runs.run_recipe("imagenet_resnet50", out / "run", {**overrides, "dataset": dataset},
+                            extra_overrides=user_overrides, fresh=args.fresh)
         s = r.summary_row()
         epochs = r.epoch_rows()
         rows.append({"what": f"measured on {dataset}", "top1": 100 - s["final_test_error"],
@@ -86,26 +86,27 @@ def main(argv=None):
                      "comparable": dataset.startswith("imagenet2012") and s["steps"] >= plan["total_steps"],
                      "wall_s": s["wall_s"], "compile_s": s["compile_s"], "images_per_sec": s["images_per_sec"]})
 
-    cmd = ex.command_line("imagenet_resnet50.py", argv)
-    written = ex.write_table(rows, out / "imagenet_resnet50",
-                             meta={"command": cmd, "machine": ex.machine(), "dataset": dataset, "quick": args.quick,
-                                   "user_overrides": user_overrides, "schedule": plan["schedule"]},
-                             columns=["what", "top1", "best_top1", "epochs", "steps", "comparable", "params",
-                                      "params_match_torchvision", "peak_lr", "wall_s", "compile_s", "images_per_sec",
-                                      "source"])
+    cmd = cmdline.command_line("imagenet_resnet50.py", argv)
+    meta = {"command": cmd, "machine": runs.machine(), "dataset": dataset, "quick": args.quick,
+            "user_overrides": user_overrides, "schedule": plan["schedule"]}
+    written = report.write_table(rows, out / "imagenet_resnet50", meta=meta,
+                                 columns=["what", "top1", "best_top1", "epochs", "steps", "comparable", "params",
+                                          "params_match_torchvision", "peak_lr", "wall_s", "compile_s",
+                                          "images_per_sec", "source"])
     sched = plan["schedule"]
-    lr_panel = ("learning rate (recipe)", [ex.Series("lr", [e for e, _ in sched], [lr for _, lr in sched])])
-    top1 = [ex.Series(f"Flax example ({refs['flax_imagenet_example']['top1']}%)", [0, 100],
-                      [refs["flax_imagenet_example"]["top1"]] * 2, {"ls": "--", "color": "black"}),
-            ex.Series(f"torchvision V1 weights ({refs['torchvision_v1_weights']['top1']}%)", [0, 100],
-                      [refs["torchvision_v1_weights"]["top1"]] * 2, {"ls": ":", "color": "gray"})]
+    lr_panel = ("learning rate (recipe)", [report.Series("lr", [e for e, _ in sched], [lr for _, lr in sched])])
+    top1 = [report.Series(f"Flax example ({refs['flax_imagenet_example']['top1']}%)", [0, 100],
+                          [refs["flax_imagenet_example"]["top1"]] * 2, {"ls": "--", "color": "black"}),
+            report.Series(f"torchvision V1 weights ({refs['torchvision_v1_weights']['top1']}%)", [0, 100],
+                          [refs["torchvision_v1_weights"]["top1"]] * 2, {"ls": ":", "color": "gray"})]
     if epochs:
-        top1.insert(0, ex.Series(f"measured ({dataset})", [e["epoch"] for e in epochs],
-                                 [100 - e["test_error"] for e in epochs], {"marker": "o"}))
-    written.append(ex.plot_lines(out / "imagenet_resnet50.png", [lr_panel, ("test top-1 (%)", top1)],
-                                 xlabel="epoch", ylabel=["learning rate", "top-1 (%)"], sharey=False,
-                                 ylim=[None, (0, 100)],
-                                 suptitle="imagenet_resnet50 recipe" + (" (quick: plan only)" if args.quick else "")))
+        top1.insert(0, report.Series(f"measured ({dataset})", [e["epoch"] for e in epochs],
+                                     [100 - e["test_error"] for e in epochs], {"marker": "o"}))
+    written.append(report.plot_lines(out / "imagenet_resnet50.png", [lr_panel, ("test top-1 (%)", top1)],
+                                     xlabel="epoch", ylabel=["learning rate", "top-1 (%)"], sharey=False,
+                                     ylim=[None, (0, 100)],
+                                     suptitle="imagenet_resnet50 recipe"
+                                              + (" (quick: plan only)" if args.quick else "")))
 
     print(f"\n{'':48s} {'top-1 %':>8s}")
     for row in rows:
@@ -113,7 +114,7 @@ def main(argv=None):
             print(f"{row['what']:48s} {row['top1']:8.2f}" + ("" if row.get("comparable", True) else "  (not comparable)"))
     if args.quick:
         print("quick mode: nothing trained; prepare ImageNet and run without --quick to measure")
-    ex.report_written(written)
+    report.report_written(written)
     return {"rows": rows, "plan": plan, "files": [str(p) for p in written]}
 
 
