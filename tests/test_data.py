@@ -226,6 +226,43 @@ def test_synthetic_cifar10_in_real_layout_reads_without_mock(tmp_path):
     assert batch["image"].shape == (16, 32, 32, 3)
 
 
+def test_flip_and_normalisation_switches_keep_the_stream_and_the_defaults(tmp_path):
+    d = str(tmp_path)
+    synthetic.write_synthetic("cifar10", d, {"train": 40, "test": 12})
+    src = tfds.data_source("cifar10", split="train", data_dir=d, download=False)
+    seed, b = 5, 16
+
+    def first_batch(**kw):
+        return next(data.train_iterator("cifar10", batch_size=b, seed=seed, data_dir=d, with_index=True, **kw))
+
+    default, crop, raw = first_batch(), first_batch(flip=False), first_batch(flip=False, normalize=False)
+    # data order is untouched by the switches, and is the documented permutation
+    order = np.random.default_rng([seed, 0]).permutation(40)[:b]
+    for batch in (default, crop, raw):
+        chex.assert_trees_all_equal(batch["index"], order)
+    sources_ = np.stack([src[int(i)]["image"] for i in order])
+    # the crop-only stream, from the documented draws: with flips off no image is mirrored
+    oy, ox, mirrored = augment.crop_flip_draws(np.random.default_rng([seed, 0, 1]), b, 4, True)
+    crops = augment.random_crop_flip(sources_, None, 4, False, draws=(oy, ox, None))
+    chex.assert_trees_all_equal(_denormalize(crop["image"], "cifar10"), crops.astype(np.int32))
+    # normalisation off: exactly pixel / 255
+    chex.assert_trees_all_equal(raw["image"], crops.astype(np.float32) / np.float32(255))
+    # defaults unchanged: the same crops, half of them mirrored, normalised with the cifar10 constants
+    mean, std = NORMALIZATION["cifar10"]
+    want = np.where(mirrored[:, None, None, None], crops[:, :, ::-1], crops)
+    chex.assert_trees_all_equal(default["image"], augment.normalize(want, mean, std))
+    assert 0 < mirrored.sum() < b
+
+    # eval never augments; with normalisation off it is pixel / 255 too, as is predict's preprocessing
+    test = tfds.data_source("cifar10", split="test", data_dir=d, download=False)
+    (ev,) = list(data.eval_batches("cifar10", batch_size=12, data_dir=d, normalize=False))
+    images = np.stack([test[i]["image"] for i in range(12)])
+    chex.assert_trees_all_equal(ev["image"], images.astype(np.float32) / np.float32(255))
+    info = data.get_dataset_info("cifar10", d, normalize=False)
+    assert info.mean == () and info.std == () and data.get_dataset_info("cifar10", d).mean == mean
+    chex.assert_trees_all_equal(data.preprocess_for_eval(images[3], info), ev["image"][3])
+
+
 # ----------------------------------------------------------------------------- image folders
 def _png(array):
     buf = io.BytesIO()

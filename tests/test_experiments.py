@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from flax import nnx
+
+from flax_resnet.models import count_params, create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -138,15 +141,23 @@ def test_cifar10_puts_paper_errors_beside_measured(tmp_path_factory):
     assert files["cifar10.csv"][0]["paper_test_error"] == "8.75"
 
 
-def test_article_setup_and_outputs(tmp_path_factory):
+def test_article_three_variants_table_and_plot(tmp_path_factory):
     out, result = run_quick("article", tmp_path_factory)
-    files = check_outputs(out, "article.csv", "article.json", "article_summary.json", "article.png")
-    summary = files["article_summary.json"]
-    setup = summary["setup"]
-    assert setup["model"] == "article_resnet" and setup["learning_rate"] == 0.1 and setup["momentum"] == 0.9
-    assert setup["weight_decay"] == 0.0 and setup["num_epochs"] == 10 and setup["schedule"] == "constant"
-    assert summary["steps"] == load_script("article").QUICK["steps"]
-    assert len(files["article.json"]["rows"]) == 1
+    files = check_outputs(out, "article.csv", "article.json", "article_epochs.csv", "article.png")
+    rows = files["article.json"]["rows"]
+    assert [r["variant"] for r in rows] == ["article", "article_net_paper_recipe", "resnet20_article_recipe"]
+    assert [r["model"] for r in rows] == ["article_resnet", "article_resnet", "resnet20"]
+    article_params = count_params(nnx.eval_shape(lambda: create_model("article_resnet", 10, in_channels=3)))
+    assert [r["params"] for r in rows] == [article_params, article_params, 269_722]  # ResNet-20: option A, RGB
+    steps = load_script("article").QUICK["steps"]
+    for r in rows:
+        assert r["steps"] == steps and r["dataset"] == "digits"
+        assert r["test_top1"] > 0 and r["gflops"] > 0 and r["train_images_per_sec"] > 0
+    article, paper, resnet20 = (r["recipe"] for r in rows)
+    assert article["weight_decay"] == 0.0 and article["schedule"] == "constant" and article["learning_rate"] == 0.1
+    assert not article["augment_flip"] and not article["normalize"] and resnet20 == article
+    assert paper["weight_decay"] == 1e-4 and paper["schedule"] == "step" and paper["normalize"]
+    assert [r["variant"] for r in files["article.csv"]] == [r["variant"] for r in rows]
 
 
 # --------------------------------------------------------------------------- imagenet / finetune

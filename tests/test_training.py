@@ -272,6 +272,15 @@ def test_every_recipe_loads_and_documents_how_to_run():
         assert c.model and (c.dataset or "--dataset" in doc), name
 
 
+def test_article_recipe_is_the_articles_and_defaults_flip_and_normalise():
+    c = get_config("cifar10_article")
+    assert (c.model, c.dataset, c.batch_size, c.num_epochs) == ("article_resnet", "cifar10", 128, 10)
+    assert (c.learning_rate, c.schedule, c.momentum, c.weight_decay) == (0.1, "constant", 0.9, 0.0)
+    assert c.augment and not c.augment_flip and not c.normalize  # RandomCrop(32, padding=4) + ToTensor()
+    d = get_config("cifar10_resnet20")
+    assert d.augment and d.augment_flip and d.normalize
+
+
 def test_config_overrides_and_errors(tmp_path):
     c = load_config(None, ["--config.num_epochs=3", "--config.nesterov=true", "--config.learning_rate", "0.5",
                            "--config.lr_boundaries_steps=(10,20)", "--config.data_dir=/x"])

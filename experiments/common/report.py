@@ -1,4 +1,4 @@
-"""Tables (CSV + JSON) and line plots (matplotlib, Agg backend) of experiment results."""
+"""Tables (CSV + JSON), line plots and bar charts (matplotlib, Agg backend) of experiment results."""
 
 from __future__ import annotations
 
@@ -105,6 +105,39 @@ def plot_lines(path: str | Path, panels: Sequence[tuple[str, Sequence[Series]]],
         ax.grid(alpha=0.3, which="both" if logy else "major")
         if series:
             ax.legend(fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(path: str | Path, labels: Sequence[str], panels: Sequence[tuple[str, Sequence[float]]], *,
+              suptitle: str = "", value_format: str = "{:.3g}") -> Path:
+    """Side-by-side bar charts into a PNG: one panel per ``(title, values)``, one bar per label.
+
+    Each bar is annotated with its value (``value_format``); NaN values draw no bar.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), squeeze=False)
+    x = np.arange(len(labels))
+    colours = [f"C{i}" for i in range(len(labels))]
+    for ax, (title, values) in zip(axes[0], panels):
+        vals = np.asarray(values, np.float64)
+        ax.bar(x, np.nan_to_num(vals), color=colours)
+        for xi, v in zip(x, vals):
+            if np.isfinite(v):
+                ax.annotate(value_format.format(v), (xi, v), ha="center", va="bottom", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()

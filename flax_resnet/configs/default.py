@@ -13,6 +13,10 @@ Fields:
   momentum, nesterov, weight_decay (conv/linear kernels only), label_smoothing.
   half_precision: bfloat16 compute, float32 params, BatchNorm statistics and loss.
   augment, num_workers: data augmentation on/off and data-loader worker processes.
+  augment_flip: horizontal flips in that augmentation (where the dataset gets them;
+    never on digits); False keeps the random crops, for recipes that do not flip.
+  normalize: per-channel mean/std normalisation of train, eval and predict images;
+    False feeds ``pixel / 255`` (torchvision's ``ToTensor()`` alone, as the article does).
   image_size: side of the square images of variable-size datasets (folders, ImageNet);
     0: the data layer's default (224). Fixed-size datasets (digits, CIFAR) ignore it.
   pretrained: a torchvision/timm weights file (.safetensors or .pth) loaded into a fresh
@@ -42,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data_dir = None
     c.eval_split = None
     c.augment = True
+    c.augment_flip = True
+    c.normalize = True
     c.num_workers = 0
     c.image_size = 0
 

@@ -36,7 +36,9 @@ def as_uint8_hwc(image: Any, channels: int) -> np.ndarray:
 
 
 def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 [..., C] -> float32 ``(x/255 - mean) / std``."""
+    """uint8 [..., C] -> float32 ``(x/255 - mean) / std``; empty ``mean``: exactly ``x/255``."""
+    if not len(mean):
+        return np.divide(images, np.float32(255), dtype=np.float32)
     std = np.asarray(std, np.float32)
     scale = 1.0 / (255.0 * std)
     bias = -np.asarray(mean, np.float32) / std
@@ -138,7 +140,11 @@ def crop_resize(image: Any, box_fn: Callable[[int, int], tuple], size: int, chan
 
 
 def preprocess_for_eval(image: Any, info: DatasetInfo) -> np.ndarray:
-    """One image (encoded bytes, PIL image or uint8 array) -> the float32 [H, W, C] the model sees at eval."""
+    """One image (encoded bytes, PIL image or uint8 array) -> the float32 [H, W, C] the model sees at eval.
+
+    Normalised with ``info.mean``/``info.std``, or ``pixel / 255`` when they are empty
+    (``get_dataset_info(..., normalize=False)``).
+    """
     h, w, c = info.image_shape
     if not isinstance(image, (bytes, np.bytes_, np.ndarray)):  # PIL image
         image = np.asarray(image.convert("RGB" if c == 3 else "L"))

@@ -28,7 +28,8 @@ Augmentation (:mod:`flax_resnet.data.augment`) runs in numpy (vectorised per bat
 or PIL (per image) inside the Grain map function:
 
 * fixed-size datasets (digits, CIFAR, ...): zero-pad + random crop (+ horizontal
-  flip for RGB), from an in-memory copy of the process's shard when it fits;
+  flip for RGB), from an in-memory copy of the process's shard when it fits; with
+  flips off the crop offsets are the same draws, only the mirroring goes;
 * variable-size datasets (ImageNet, imagenette, image folders): Inception-style
   random-resized crop + flip for training, resize to ``size/0.875`` and centre crop
   for evaluation, decoded with PIL's JPEG draft mode so a crop is decoded at
@@ -178,7 +179,7 @@ class TrainBatch:
             for i, im in enumerate(images):
                 rng = np.random.default_rng([self.seed, step, first + i, _AUG_STREAM])
                 crop = crop_resize(im, lambda w, h, rng=rng: inception_crop_box(w, h, rng), size, r.channels)
-                out.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
+                out.append(crop[:, ::-1] if r.flip and rng.random() < 0.5 else crop)
             images = np.stack(out)
         else:
             images = np.stack([crop_resize(im, center_crop_box, size, r.channels) for im in images])

@@ -1,7 +1,9 @@
 """Dataset descriptions: :class:`DatasetInfo`, normalisation constants, batch recipes.
 
 A :class:`Recipe` says how one dataset's stored examples become model batches
-(output shape, translation padding, flips, normalisation).
+(output shape, translation padding, flips, normalisation). Flips and normalisation can
+be switched off (the article's recipe does neither): empty ``mean``/``std`` mean the
+model sees ``pixel / 255``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class DatasetInfo:
     eval_size: int
     eval_split: str
     class_names: tuple[str, ...]
-    mean: tuple[float, ...] = ()  # per-channel normalisation (0-1 scale)
+    mean: tuple[float, ...] = ()  # per-channel normalisation (0-1 scale); empty: pixel / 255
     std: tuple[float, ...] = ()
 
 
@@ -49,7 +51,7 @@ class Recipe:
     out_shape: tuple[int, int, int]
     pad: int  # fixed-size: translation range (pixels each side)
     flip: bool
-    mean: tuple[float, ...]
+    mean: tuple[float, ...]  # empty: no normalisation, batches are pixel / 255
     std: tuple[float, ...]
 
     @property
@@ -66,34 +68,42 @@ def _normalization(name: str, channels: int) -> tuple[tuple[float, ...], tuple[f
     return (0.5,) * channels, (0.25,) * channels
 
 
-def make_recipe(opened: sources.OpenedDataset, data_dir: str | None, image_size: int | None) -> Recipe:
-    """``opened``'s recipe: fixed-size images keep their shape unless ``image_size`` differs."""
+def make_recipe(opened: sources.OpenedDataset, data_dir: str | None, image_size: int | None, *,
+                flip: bool = True, normalize: bool = True) -> Recipe:
+    """``opened``'s recipe: fixed-size images keep their shape unless ``image_size`` differs.
+
+    ``flip=False`` turns off the horizontal flips the dataset would get (digits never
+    flip); ``normalize=False`` leaves images as ``pixel / 255``.
+    """
     h, w, c = opened.image_feature_shape
     c = c or 3
-    mean, std = _normalization(opened.name, c)
+    mean, std = _normalization(opened.name, c) if normalize else ((), ())
     fixed = h is not None and w is not None and (image_size is None or (image_size == h == w))
     if fixed:
         base = sources.base_name(opened.name)
         pad = {"digits": 2}.get(base, max(1, round(min(h, w) / 8)))
-        flip = base != "digits" and c == 3  # digits/characters are not mirror-symmetric
+        flip = flip and base != "digits" and c == 3  # digits/characters are not mirror-symmetric
         return Recipe(opened.name, sources.resolve_data_dir(data_dir), True, (h, w, c), pad, flip, mean, std)
     size = image_size or DEFAULT_IMAGE_SIZE
-    return Recipe(opened.name, sources.resolve_data_dir(data_dir), False, (size, size, c), 0, True, mean, std)
+    return Recipe(opened.name, sources.resolve_data_dir(data_dir), False, (size, size, c), 0, flip, mean, std)
 
 
-def get_dataset_info(name: str, data_dir: str | None = None, *, image_size: int | None = None) -> DatasetInfo:
+def get_dataset_info(name: str, data_dir: str | None = None, *, image_size: int | None = None,
+                     normalize: bool = True) -> DatasetInfo:
     """Describes a prepared dataset; fast, never downloads.
 
     Args:
       name: TFDS name (``cifar10``, ``imagenet2012``, ...), ``digits`` or ``folder:PATH``.
       data_dir: TFDS data directory (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
       image_size: output side for variable-size datasets (default 224).
+      normalize: False: ``mean``/``std`` are empty and the model sees ``pixel / 255``
+        (what :func:`~flax_resnet.data.preprocess_for_eval` then produces too).
 
     Raises:
       DatasetNotPreparedError: with the ``flax-resnet prepare`` command to run.
     """
     opened = sources.open_dataset(name, data_dir)
-    recipe = make_recipe(opened, data_dir, image_size)
+    recipe = make_recipe(opened, data_dir, image_size, normalize=normalize)
     return DatasetInfo(
         name=name,
         num_classes=opened.num_classes,

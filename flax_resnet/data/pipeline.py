@@ -207,6 +207,8 @@ def train_iterator(
     num_threads: int | None = None,
     prefetch: int = 4,
     with_index: bool = False,
+    flip: bool = True,
+    normalize: bool = True,
 ) -> TrainIterator:
     """This process's slices of the global training batches (defined in :mod:`flax_resnet.data.batches`).
 
@@ -225,11 +227,14 @@ def train_iterator(
         4 for decoded JPEGs).
       prefetch: batches buffered ahead.
       with_index: add ``"index"`` (int64 record indices) to each batch.
+      flip: horizontal flips where the dataset gets them (never on digits); False keeps
+        the crops (the same draws) and drops only the mirroring.
+      normalize: per-channel normalisation; False: images are ``pixel / 255``.
     """
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     opened = sources.open_dataset(name, data_dir)
-    recipe = make_recipe(opened, data_dir, image_size)
+    recipe = make_recipe(opened, data_dir, image_size, flip=flip, normalize=normalize)
     n = opened.split_size(opened.train_split)
     shard_bounds(n, process_index, process_count)  # validates the process index
     steps = n // (batch_size * process_count)
@@ -273,17 +278,19 @@ def eval_batches(
     num_workers: int = 0,
     num_threads: int | None = None,
     with_index: bool = False,
+    normalize: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over the eval split: ``{"image", "label", "mask"}`` batches.
 
     Process ``p`` of ``n`` reads examples ``[p*N//n, (p+1)*N//n)`` in order; every
     process yields :func:`num_eval_batches` batches, the last ones padded with zero
-    images and ``mask`` (float32 [B]) 0, so each example counts exactly once.
+    images and ``mask`` (float32 [B]) 0, so each example counts exactly once. Never
+    augmented; ``normalize=False``: images are ``pixel / 255``, as in training.
     """
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     opened = sources.open_dataset(name, data_dir)
-    recipe = make_recipe(opened, data_dir, image_size)
+    recipe = make_recipe(opened, data_dir, image_size, normalize=normalize)
     split = split or opened.eval_split
     n = opened.split_size(split)
     lo, hi = shard_bounds(n, process_index, process_count)

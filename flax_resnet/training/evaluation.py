@@ -15,6 +15,11 @@ def image_size(config) -> int | None:
     return int(config.get("image_size", 0) or 0) or None
 
 
+def normalize(config) -> bool:
+    """``config.normalize`` (per-channel normalisation; False: ``pixel / 255``); configs without it: True."""
+    return bool(config.get("normalize", True))
+
+
 def eval_batch_size(config, mesh) -> int:
     bs = int(config.get("eval_batch_size", 0) or 0) or int(config.batch_size)
     parallel.check_batch_size(bs, mesh, "eval_batch_size" if config.get("eval_batch_size") else "batch_size")
@@ -42,4 +47,5 @@ def eval_batches(config, info, batch_size, split=None):
         config.dataset, batch_size=parallel.per_process_batch_size(batch_size), data_dir=config.data_dir,
         process_index=jax.process_index(), process_count=jax.process_count(),
         split=split or config.get("eval_split") or None, image_size=image_size(config),
+        normalize=normalize(config),
     )

@@ -34,7 +34,7 @@ from flax_resnet.training.preemption import PreemptionGuard
 from flax_resnet.errors import TrainingDivergedError, UserError
 from flax_resnet.training import logging as run_logging
 from flax_resnet.training import optimizer, schedules, steps
-from flax_resnet.training.evaluation import eval_batch_size, eval_batches, evaluate_split, image_size
+from flax_resnet.training.evaluation import eval_batch_size, eval_batches, evaluate_split, image_size, normalize
 from flax_resnet.training.restore import restore_model
 from flax_resnet.training.state import (
     abstract_train_state, compute_dtype, count_params, create_train_state, transfer_weights,
@@ -253,7 +253,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
 
     # Bad input fails here, before anything is written.
     models.get_spec(config.model)
-    info = data.get_dataset_info(config.dataset, config.data_dir, image_size=image_size(config))
+    info = data.get_dataset_info(config.dataset, config.data_dir, image_size=image_size(config),
+                                 normalize=normalize(config))
     mesh = parallel.create_mesh() if mesh is None else mesh
     parallel.check_batch_size(config.batch_size, mesh)
     eval_bs = eval_batch_size(config, mesh)
@@ -264,6 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             config.dataset, batch_size=parallel.per_process_batch_size(config.batch_size), seed=config.seed,
             data_dir=config.data_dir, process_index=jax.process_index(), process_count=jax.process_count(),
             augment=config.augment, num_workers=config.num_workers, image_size=image_size(config),
+            flip=bool(config.get("augment_flip", True)), normalize=normalize(config),
         )
         stack.callback(data_iter.close)
         data_position = data_iter.get_state

@@ -17,7 +17,7 @@ from flax_resnet import data, parallel
 from flax_resnet.checkpoint import Checkpointer
 from flax_resnet.errors import UserError
 from flax_resnet.training import steps
-from flax_resnet.training.evaluation import eval_batch_size, eval_batches, evaluate_split, image_size
+from flax_resnet.training.evaluation import eval_batch_size, eval_batches, evaluate_split, image_size, normalize
 from flax_resnet.training.optimizer import create_optimizer
 from flax_resnet.training.state import abstract_train_state, compute_dtype
 
@@ -97,7 +97,8 @@ def predict(workdir: str | Path, image_paths: Sequence[str | Path], *, which: st
     if missing:
         raise UserError(f"image file(s) not found: {', '.join(missing)}; check the paths")
     m = restore_model(workdir, which)
-    info = data.get_dataset_info(m.config.dataset, m.config.data_dir, image_size=image_size(m.config))
+    info = data.get_dataset_info(m.config.dataset, m.config.data_dir, image_size=image_size(m.config),
+                                 normalize=normalize(m.config))
     images = np.stack([np.asarray(data.preprocess_for_eval(_open_image(p), info), np.float32)
                        for p in image_paths])
     probs_fn = steps.jit_predict_step(m.mesh, graph=m.graph, compute_dtype=m.compute_dtype)
