@@ -212,11 +212,12 @@ def _cmd_finetune(args):
 
 def _add_convert(sub):
     p = sub.add_parser(
-        "convert", help="check torchvision/timm weights against a model, or export a run, as .safetensors",
+        "convert", help="check torchvision/timm or the article's weights against a model, or export a run",
         description="IN is a weights file (.pth/.pt read with torch.load(weights_only=True), or "
                     ".safetensors) of the architecture --model names, or a flax_resnet run directory. "
-                    "OUT is a torchvision-layout .safetensors file, readable without PyTorch here and "
-                    "by torchvision's load_state_dict(strict=True) there.",
+                    "OUT is a .safetensors file in the PyTorch original's layout (torchvision's; the "
+                    "article's code's for article_resnet), readable without PyTorch here and by the "
+                    "original's load_state_dict(strict=True) there.",
     )
     p.add_argument("src", metavar="IN", help="weights file or run directory")
     p.add_argument("dst", metavar="OUT", help="output .safetensors file")

@@ -21,9 +21,14 @@ torchvision's names: ``conv1``, ``bn1``, ``layer1..4``, ``downsample.0/1``, ``fc
 timm's deep-stem / avg-down variants (``resnet50d``, ...) have other modules and are
 refused, naming the first key that does not fit.
 
-Files are read without executing code: ``.safetensors`` with safetensors' numpy API
-(no PyTorch needed), ``.pth``/``.pt``/``.bin`` only through ``torch.load(weights_only=True)``.
-A checkpoint that needs arbitrary pickled objects is refused with a :class:`UserError`.
+A model class whose PyTorch original names its modules otherwise says so with a
+``torch_keys`` hook (our torchvision-style keys -> the original's, and the original's
+duplicate keys): :class:`~flax_resnet.models.article.ArticleResNet` reads and writes the
+article's ``conv1.*``, ``layers.K.*``, ``fc.*`` layout, whose classifier is also ``layers.53.*``.
+Every function below takes the model (or its class, ``model_cls``) to choose the layout.
+
+Files are read without executing code (:mod:`flax_resnet.state_dict_files`, whose
+``read_state_dict`` and ``save_safetensors`` this module re-exports).
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
@@ -40,124 +44,11 @@ import numpy as np
 from flax import nnx
 
 from flax_resnet.errors import UserError
+from flax_resnet.state_dict_files import (  # noqa: F401  (re-exported)
+    SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, StateDict, read_state_dict, save_safetensors)
 
-StateDict = dict[str, np.ndarray]
-
-SAFETENSORS_SUFFIXES = (".safetensors",)
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 IGNORED_SUFFIXES = ("num_batches_tracked",)
-# Wrappers training scripts put around a state dict (torchvision's references, timm's train.py, Lightning).
-_WRAPPER_KEYS = ("state_dict", "model", "model_state", "state_dict_ema", "model_ema", "module")
 _BN_NAMES = {"scale": "weight", "mean": "running_mean", "var": "running_var", "bias": "bias"}
-
-
-# --------------------------------------------------------------------------- reading files
-def read_state_dict(path: str | os.PathLike) -> StateDict:
-    """Reads a PyTorch-layout state dict as float/int numpy arrays, executing no code.
-
-    ``.safetensors``: safetensors' numpy API (bfloat16 tensors, through ``ml_dtypes``,
-    are widened to float32). ``.pth``/``.pt``/``.bin``/``.ckpt``:
-    ``torch.load(weights_only=True)`` (needs PyTorch). A dict wrapped as
-    ``{"state_dict": ...}`` / ``{"model": ...}`` is unwrapped and a ``module.`` prefix
-    (``DataParallel``) stripped.
-
-    Raises:
-      UserError: missing file, unknown suffix, unreadable file, or a pickle that needs code.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"weights file {path} not found: pass an existing .safetensors or .pth file")
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        sd = _read_safetensors(path)
-    elif suffix in TORCH_SUFFIXES:
-        sd = _read_torch(path)
-    else:
-        raise UserError(f"cannot tell the format of {path}: name it *.safetensors or *.pth/*.pt")
-    return _normalize_keys(sd, path)
-
-
-def _read_safetensors(path: Path) -> StateDict:
-    import ml_dtypes  # registers numpy's "bfloat16" (a JAX dependency), which bf16 files need
-    from safetensors.numpy import load_file
-
-    try:
-        sd = dict(load_file(str(path)))
-    except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise UserError(f"cannot read {path} as safetensors ({type(e).__name__}: {e}); "
-                        "re-download or re-export the file") from None
-    return {k: v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v for k, v in sd.items()}
-
-
-def _read_torch(path: Path) -> StateDict:
-    try:
-        import torch
-    except ImportError:
-        raise UserError(f"reading {path} needs PyTorch (pip install torch); or, where PyTorch is "
-                        f"installed, run `flax-resnet convert {path} OUT.safetensors --model NAME` "
-                        "and use the .safetensors file") from None
-    import pickle
-
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        blocked = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if blocked is None:  # not a pickle that asks for code: a damaged or foreign file
-            raise UserError(f"cannot read {path} as a PyTorch checkpoint ({str(e).strip().splitlines()[-1][:120]}"
-                            "); re-download it or export it with torch.save(model.state_dict(), ...)") from None
-        raise UserError(
-            f"refusing to load {path}: unpickling it would run Python code ({blocked.group(1)}), which "
-            "torch.load(weights_only=True) does not allow; where you trust the file, save just the weights "
-            "with torch.save(model.state_dict(), 'weights.pth'), or use a .safetensors file") from None
-    except Exception as e:
-        raise UserError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}); "
-                        "re-download the file or export it with torch.save(model.state_dict(), ...)") from None
-    obj = _unwrap(obj)
-    if not isinstance(obj, Mapping):
-        raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict; save "
-                        "model.state_dict() rather than the model")
-    out = {}
-    for k, v in obj.items():
-        if isinstance(v, torch.Tensor):
-            v = v.detach().cpu()
-            if v.dtype == torch.bfloat16:
-                v = v.float()
-            out[str(k)] = v.numpy()
-    return out
-
-
-def _unwrap(obj):
-    """``{"state_dict": {...}, "epoch": 3, ...}`` -> the inner dict (repeatedly)."""
-    for _ in range(3):
-        if not isinstance(obj, Mapping):
-            return obj
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            return obj
-        obj = inner
-    return obj
-
-
-def _normalize_keys(sd: Mapping[str, Any], path) -> StateDict:
-    sd = {k: np.asarray(v) for k, v in _unwrap(dict(sd)).items() if hasattr(v, "shape")}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    if not sd:
-        raise UserError(f"{path} holds no tensors: pass a file saved from model.state_dict()")
-    return sd
-
-
-def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike,
-                     metadata: Mapping[str, str] | None = None) -> None:
-    """Writes numpy arrays as ``.safetensors`` (contiguous copies; metadata as strings)."""
-    from safetensors.numpy import save_file
-
-    path = Path(path).expanduser()
-    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
-        raise UserError(f"output {path} must end in .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(path), metadata=meta)
 
 
 # --------------------------------------------------------------------------- key mapping
@@ -249,6 +140,29 @@ def is_head_key(key: str) -> bool:
     return key.split(".")[0] == "fc"
 
 
+_TORCHVISION = "a torchvision/timm resnet, wide_resnet or resnext"
+
+
+def torch_names(model_cls: type | None, keys) -> tuple[dict[str, str], dict[str, str]]:
+    """``({our torchvision-style key: the PyTorch original's}, {original's duplicate key: the key it repeats})``
+    for ``model_cls`` (its ``torch_keys`` hook; torchvision's names are ours)."""
+    hook = getattr(model_cls, "torch_keys", None)
+    return hook(keys) if hook is not None else ({k: k for k in keys}, {})
+
+
+def _check_aliases(state_dict: Mapping[str, np.ndarray], aliases: Mapping[str, str], source: str) -> dict:
+    """``state_dict`` without its duplicate keys, each checked equal to the key it repeats."""
+    out = dict(state_dict)
+    for alias, key in aliases.items():
+        if alias not in out:
+            continue
+        dup = np.asarray(out.pop(alias))
+        if key not in out or dup.shape != np.shape(out[key]) or not np.array_equal(dup, np.asarray(out[key])):
+            raise UserError(f"{source}: {alias!r} differs from {key!r}, which it repeats (the same module "
+                            "registered twice); re-save the model's state_dict() or drop the duplicate")
+    return out
+
+
 # --------------------------------------------------------------------------- model <-> state dict
 def split_state(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
     """``(graphdef, params, batch_stats)`` of a model, the states as pure dicts."""
@@ -258,11 +172,12 @@ def split_state(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
     return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
-def to_torch_state_dict(params: Mapping, batch_stats: Mapping, *,
-                        num_batches_tracked: bool = True) -> StateDict:
-    """Our ``(params, batch_stats)`` -> a torchvision-layout state dict of numpy arrays.
+def to_torch_state_dict(params: Mapping, batch_stats: Mapping, *, num_batches_tracked: bool = True,
+                        model_cls: type | None = None) -> StateDict:
+    """Our ``(params, batch_stats)`` -> a PyTorch-layout state dict of numpy arrays.
 
-    Adds ``num_batches_tracked`` (int64 0) to every BatchNorm, as ``nn.BatchNorm2d.state_dict()``
+    torchvision's layout, or ``model_cls``'s original's (:func:`torch_names`). Adds
+    ``num_batches_tracked`` (int64 0) to every BatchNorm, as ``nn.BatchNorm2d.state_dict()``
     has, so ``load_state_dict(strict=True)`` accepts it.
     """
     params, batch_stats = jax.device_get((params, batch_stats))
@@ -277,18 +192,25 @@ def to_torch_state_dict(params: Mapping, batch_stats: Mapping, *,
     if num_batches_tracked:
         for mod in sorted(_bn_modules(params)):
             out[".".join(str(p) for p in (*mod, "num_batches_tracked"))] = np.zeros((), np.int64)
+    renames, aliases = torch_names(model_cls, list(out))
+    out = {renames[k]: v for k, v in out.items()}
+    out.update({alias: out[key].copy() for alias, key in aliases.items()})
     return out
 
 
 def model_state_dict(model: nnx.Module) -> StateDict:
-    """A model's weights and BatchNorm statistics as a torchvision-layout state dict."""
+    """A model's weights and BatchNorm statistics as its PyTorch original's state dict."""
     _, params, stats = split_state(model)
-    return to_torch_state_dict(params, stats)
+    return to_torch_state_dict(params, stats, model_cls=type(model))
 
 
 def from_torch_state_dict(state_dict: Mapping[str, np.ndarray], params: Mapping, batch_stats: Mapping, *,
-                          load_head: bool = True, source: str = "state dict") -> tuple[dict, dict, list[str]]:
+                          load_head: bool = True, source: str = "state dict",
+                          model_cls: type | None = None) -> tuple[dict, dict, list[str]]:
     """Fills copies of our ``(params, batch_stats)`` pure dicts from a PyTorch state dict.
+
+    The state dict has torchvision's layout, or ``model_cls``'s original's (:func:`torch_names`);
+    a duplicate key (the article's classifier, twice) must equal the key it repeats.
 
     ``params``/``batch_stats`` give the target structure, shapes and dtypes (arrays or
     ``jax.ShapeDtypeStruct``). Every key must match: missing, unexpected (other than
@@ -302,6 +224,9 @@ def from_torch_state_dict(state_dict: Mapping[str, np.ndarray], params: Mapping,
       as the target's own value.
     """
     layout = _layout(params, batch_stats)
+    renames, aliases = torch_names(model_cls, list(layout))
+    layout = {renames[k]: slot for k, slot in layout.items()}
+    state_dict = _check_aliases(state_dict, aliases, source)
     given = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIXES)}
     wanted = {k: s for k, s in layout.items() if load_head or not is_head_key(k)}
     if not load_head:
@@ -319,7 +244,7 @@ def from_torch_state_dict(state_dict: Mapping[str, np.ndarray], params: Mapping,
         if missing:
             parts.append(f"missing key {some(missing)}")
         raise UserError(f"{source} does not fit this model: {'; '.join(parts)}; pass the --model the "
-                        "weights were made for (a torchvision/timm resnet, wide_resnet or resnext)")
+                        f"weights were made for ({getattr(model_cls, 'torch_source', _TORCHVISION)})")
     new = {"params": _copy_dicts(params), "batch_stats": _copy_dicts(batch_stats)}
     for key in sorted(wanted, key=torch_order):
         slot, arr = wanted[key], np.asarray(given[key])
@@ -350,7 +275,8 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, 
     See :func:`from_torch_state_dict` for the matching rules (strict, names the offending key).
     """
     _, params, stats = split_state(model)
-    params, stats, loaded = from_torch_state_dict(state_dict, params, stats, load_head=load_head, source=source)
+    params, stats, loaded = from_torch_state_dict(state_dict, params, stats, load_head=load_head, source=source,
+                                                  model_cls=type(model))
     p_state, s_state = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
     nnx.replace_by_pure_dict(p_state, params)
     nnx.replace_by_pure_dict(s_state, stats)
@@ -377,10 +303,11 @@ def head_classes(state_dict: Mapping[str, np.ndarray]) -> int:
 
 
 def load_pretrained(model: nnx.Module, path: str | os.PathLike, *, load_head: bool | None = None) -> LoadReport:
-    """Loads torchvision/timm weights from ``path`` into ``model`` in place.
+    """Loads torchvision/timm weights (or the article's, into its network) from ``path`` into ``model`` in place.
 
     Args:
-      model: a :class:`~flax_resnet.models.resnet.ResNet` of the weights' architecture.
+      model: a model of the weights' architecture (:class:`~flax_resnet.models.resnet.ResNet`,
+        :class:`~flax_resnet.models.article.ArticleResNet`).
       path: ``.safetensors`` or ``.pth``/``.pt`` file.
       load_head: ``True`` copies ``fc`` too (its shape must match), ``False`` keeps the
         model's own (new) head, ``None`` copies it only when the class counts agree.
@@ -397,8 +324,10 @@ def load_pretrained(model: nnx.Module, path: str | os.PathLike, *, load_head: bo
     return LoadReport(str(path), len(loaded), head)
 
 
-def export_safetensors(model_or_state, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None) -> StateDict:
-    """Writes a model's (or a ``(params, batch_stats)`` pair's) weights as torchvision-layout ``.safetensors``.
+def export_safetensors(model_or_state, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None,
+                       model_cls: type | None = None) -> StateDict:
+    """Writes a model's (or a ``(params, batch_stats)`` pair's, of ``model_cls``) weights as ``.safetensors``
+    in its PyTorch original's layout (torchvision's for the ResNet family).
 
     Returns the state dict written.
     """
@@ -406,6 +335,6 @@ def export_safetensors(model_or_state, path: str | os.PathLike, *, metadata: Map
         sd = model_state_dict(model_or_state)
     else:
         params, stats = model_or_state
-        sd = to_torch_state_dict(params, stats)
+        sd = to_torch_state_dict(params, stats, model_cls=model_cls)
     save_safetensors(sd, path, metadata)
     return sd

@@ -27,7 +27,8 @@ PAPER_CIFAR_PARAMS = {"resnet20": 0.27e6, "resnet32": 0.46e6, "resnet44": 0.66e6
 # 2 CPU cores. Depth does not change what they check, so each distinct architecture (every
 # registry option but the per-stage depths) is checked once, at one block per stage.
 def _family(name):
-    return tuple(sorted((k, v) for k, v in registry.get_spec(name).kwargs.items() if k != "layers"))
+    spec = registry.get_spec(name)
+    return spec.builder.__name__, tuple(sorted((k, v) for k, v in spec.kwargs.items() if k != "layers"))
 
 
 FAMILIES = list({_family(n): n for n in reversed(fr.list_models())}.values())
@@ -59,7 +60,7 @@ def test_registry_lists_issue_names():
     required |= {f"plain{d}" for d in (20, 32, 44, 56, 110)}
     required |= {f"preact_resnet{d}" for d in (18, 34, 50, 101, 152, 110, 164)}
     required |= {"wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d",
-                 "resnext101_32x8d", "article_resnet"}
+                 "resnext101_32x8d", "article_resnet", "article_resnet_widened"}
     assert required <= names
 
 
@@ -106,18 +107,23 @@ def _train_forward(graphdef, params, stats, x):
     return logits, new_stats, grads
 
 
+def _kind(spec):
+    return spec.builder, spec.kwargs.get("block"), spec.kwargs.get("stem")
+
+
 def test_families_cover_every_block_and_stem():
-    kinds = {(registry.get_spec(n).kwargs["block"], registry.get_spec(n).kwargs["stem"]) for n in FAMILIES}
-    assert len(FAMILIES) >= 10 and len(kinds) == len(
-        {(s.kwargs["block"], s.kwargs["stem"]) for s in map(registry.get_spec, fr.list_models())})
+    kinds = {_kind(registry.get_spec(n)) for n in FAMILIES}
+    assert len(FAMILIES) >= 10 and len(kinds) == len({_kind(s) for s in map(registry.get_spec, fr.list_models())})
+    assert "article_resnet" in FAMILIES and "article_resnet_widened" in FAMILIES
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_architecture_numerics(name):
     """Finite logits, jit == eager, BN stats move only in train mode, gradients reach conv1."""
     spec = registry.get_spec(name)
-    shallow = (1,) * len(spec.kwargs["layers"])
-    model = fr.create_model(name, num_classes=5, seed=1, layers=shallow)
+    # One block per stage; the article's network (no stages) as it is.
+    shallow = {"layers": (1,) * len(spec.kwargs["layers"])} if "layers" in spec.kwargs else {}
+    model = fr.create_model(name, num_classes=5, seed=1, **shallow)
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))   # ImageNet nets end at 1x1
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
 

@@ -13,7 +13,7 @@ Blocks:
                                BN -> ReLU before each conv, nothing after the addition.
   * :class:`PlainBlock`        a BasicBlock without the shortcut (the degradation study).
   * :class:`ArticleBlock`      the article's conv3x3 -> ReLU -> conv3x3 (+ shortcut), whose
-                               BatchNorm/ReLU come after the addition.
+                               BatchNorm/ReLU come after the addition (``article_resnet_widened``).
 """
 
 from __future__ import annotations
@@ -171,11 +171,13 @@ class PreActBottleneck(_Residual):
 
 
 class ArticleBlock(_Residual):
-    """The article's residual module, fixed: conv3x3 -> ReLU -> conv3x3, plus the shortcut,
-    then BatchNorm -> ReLU after the addition (the article puts BN/ReLU between blocks).
+    """The article's residual module with a width change, for ``article_resnet_widened`` (our
+    fix, not the article's): conv3x3 -> ReLU -> conv3x3, plus the shortcut, then BatchNorm ->
+    ReLU after the addition (the article puts BN/ReLU between blocks).
 
-    The article's convs keep PyTorch's default bias; when the width changes (which the
-    article's code never does, a bug) the shortcut is a 1x1 projection.
+    The convs keep PyTorch's default bias; when the width changes the shortcut is a 1x1
+    projection. The article's own network (width 64 throughout) is
+    :class:`~flax_resnet.models.article.ArticleResNet`.
     """
 
     expansion = 1

@@ -24,6 +24,17 @@ Dtype = Any
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def uniform_fan_in(fan_in: int):
+    """PyTorch's default for ``nn.Conv2d``/``nn.Linear`` weights and biases (kaiming-uniform with
+    ``a=sqrt(5)``): uniform in ``+-1/sqrt(fan_in)``."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
 def batch_moments(x: jax.Array, axes: tuple[int, ...], axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
     """Mean and biased variance over ``axes`` in at least float32: ``E[x]`` and ``E[x^2] - E[x]^2``
     clipped at zero (one pass, NNX's fast variance); averaged over ``axis_name`` under shard_map."""
@@ -119,11 +130,18 @@ class Layers:
       bn_epsilon: 1e-5, as PyTorch.
       conv: the convolution class (``nnx.Conv`` or a subclass with its signature and parameters).
       norm: the BatchNorm class (:class:`BatchNorm` or a subclass).
+      init: "torchvision" (convs kaiming-normal, fan-out) or "pytorch" (``nn.Conv2d``'s
+        default, :func:`uniform_fan_in` for weight and bias), for networks written with
+        PyTorch's defaults, such as the article's.
     """
 
     def __init__(self, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32,
                  bn_momentum: float = 0.9, bn_epsilon: float = 1e-5, *,
-                 conv: type[nnx.Conv] = nnx.Conv, norm: type[BatchNorm] = BatchNorm):
+                 conv: type[nnx.Conv] = nnx.Conv, norm: type[BatchNorm] = BatchNorm,
+                 init: str = "torchvision"):
+        if init not in ("torchvision", "pytorch"):
+            raise ValueError(f"init must be 'torchvision' or 'pytorch', got {init!r}")
+        self.init = init
         self.rngs = _LayerKeys(rngs.params())
         self.dtype, self.param_dtype = dtype, param_dtype
         self.bn_momentum, self.bn_epsilon = bn_momentum, bn_epsilon
@@ -133,9 +151,13 @@ class Layers:
              bias: bool = False) -> nnx.Conv:
         """A conv with PyTorch's symmetric padding ``kernel // 2`` (not XLA's asymmetric 'SAME')."""
         pad = kernel // 2
+        inits = {"kernel_init": conv_init}
+        if self.init == "pytorch":
+            default = uniform_fan_in(cin // groups * kernel * kernel)
+            inits = {"kernel_init": default, "bias_init": default}
         return self.conv_cls(
             cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-            feature_group_count=groups, use_bias=bias, kernel_init=conv_init,
+            feature_group_count=groups, use_bias=bias, **inits,
             dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
 
     def norm(self, features: int, *, zero_scale: bool = False) -> BatchNorm:

@@ -16,25 +16,28 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_resnet.errors import UserError
+from flax_resnet.models.article import ArticleResNet
 from flax_resnet.models.resnet import ResNet
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     name: str
-    kwargs: dict[str, Any]      # ResNet(...) arguments
+    kwargs: dict[str, Any]      # arguments of ``builder``
     input_size: int             # default square input resolution
     num_classes: int            # default classifier size
     description: str
+    builder: type = ResNet      # the model class ``create_model`` builds
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register(name: str, description: str, *, input_size: int, num_classes: int, **kwargs) -> None:
+def register(name: str, description: str, *, input_size: int, num_classes: int, builder: type = ResNet,
+             **kwargs) -> None:
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} registered twice")
-    _REGISTRY[name] = ModelSpec(name, kwargs, input_size, num_classes, description)
+    _REGISTRY[name] = ModelSpec(name, kwargs, input_size, num_classes, description, builder)
 
 
 # ----------------------------------------------------------------- ImageNet (torchvision)
@@ -73,8 +76,10 @@ register("preact_resnet164", "pre-activation CIFAR ResNet-164 (bottleneck units)
          block="preact_bottleneck", layers=(18, 18, 18), **_CIFAR)
 
 # ----------------------------------------------------------------- the article's network
-register("article_resnet", "the article's network, fixed: 7x7/2 stem, 4 residual blocks "
-         "(64->512, max-pools between), one classifier", block="article", layers=(1, 1, 1, 1),
+register("article_resnet", "the article's network as written (9 blocks, width 64), fixed only where "
+         "its code cannot run", builder=ArticleResNet, num_blocks=9, input_size=32, num_classes=10)
+register("article_resnet_widened", "our fix, not the article's: 7x7/2 stem, 4 article blocks "
+         "(64->512, max-pools between)", block="article", layers=(1, 1, 1, 1),
          widths=(64, 128, 256, 512), stem="article", input_size=32, num_classes=10)
 
 
@@ -105,7 +110,7 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def create_model(name: str, num_classes: int | None = None, *, rngs: nnx.Rngs | None = None,
-                 seed: int = 0, **overrides: Any) -> ResNet:
+                 seed: int = 0, **overrides: Any) -> nnx.Module:
     """Build a registered model.
 
     Args:
@@ -113,8 +118,9 @@ def create_model(name: str, num_classes: int | None = None, *, rngs: nnx.Rngs | 
       num_classes: classifier size; defaults to the model's (1000 ImageNet, 10 CIFAR).
       rngs: NNX random streams; defaults to ``nnx.Rngs(seed)``.
       seed: used only when ``rngs`` is not given.
-      **overrides: any :class:`~flax_resnet.models.resnet.ResNet` argument, e.g.
-        ``in_channels=1``, ``dtype=jnp.bfloat16``, ``zero_init_residual=True``, ``shortcut="B"``.
+      **overrides: any argument of the entry's class (:class:`~flax_resnet.models.resnet.ResNet`,
+        :class:`~flax_resnet.models.article.ArticleResNet`), e.g. ``in_channels=1``,
+        ``dtype=jnp.bfloat16``, ``zero_init_residual=True``, ``shortcut="B"``, ``num_blocks=3``.
     """
     spec = get_spec(name)
     kwargs = dict(spec.kwargs)
@@ -123,6 +129,6 @@ def create_model(name: str, num_classes: int | None = None, *, rngs: nnx.Rngs | 
     if isinstance(kwargs.get("dtype"), str):
         kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
     try:
-        return ResNet(**kwargs, rngs=rngs if rngs is not None else nnx.Rngs(seed))
+        return spec.builder(**kwargs, rngs=rngs if rngs is not None else nnx.Rngs(seed))
     except TypeError as e:
         raise UserError(f"bad option for model {name!r}: {e}") from None

@@ -2,12 +2,13 @@
 
 One class covers the ImageNet family (torchvision's resnet18..152, Wide ResNet, ResNeXt),
 the CIFAR family of He et al. 2015 (3x3 stem, 16/32/64 widths, option-A shortcuts), their
-plain counterparts, pre-activation ResNets (v2) and the article's network. Layout is NHWC.
+plain counterparts, pre-activation ResNets (v2) and our widened variant of the article's
+network (``article_resnet_widened``; the article's own is :mod:`~flax_resnet.models.article`).
+Layout is NHWC.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Sequence
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_resnet.models.blocks import BLOCKS, Shortcut
-from flax_resnet.models.layers import BatchNorm, Layers
+from flax_resnet.models.layers import BatchNorm, Layers, uniform_fan_in
 
 Stem = Literal["imagenet", "cifar", "article"]
 
@@ -23,16 +24,6 @@ Stem = Literal["imagenet", "cifar", "article"]
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     """PyTorch's ``MaxPool2d(3, stride=2, padding=1)`` (padding never wins the max)."""
     return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-
-
-def _linear_init(fan_in: int):
-    """PyTorch's nn.Linear default: weight and bias uniform in +-1/sqrt(fan_in)."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 class ResNet(nnx.Module):
@@ -102,7 +93,7 @@ class ResNet(nnx.Module):
         self.num_classes = num_classes
         if num_classes <= 0:
             return None
-        init = _linear_init(self.num_features)
+        init = uniform_fan_in(self.num_features)  # PyTorch's nn.Linear default
         return nnx.Linear(self.num_features, num_classes, kernel_init=init, bias_init=init,
                           dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
 

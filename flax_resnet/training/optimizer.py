@@ -16,7 +16,8 @@ with a few config fields (see :mod:`flax_resnet.configs.finetune_folder`):
 * ``unfreeze_epochs``: gradual unfreezing. The backbone starts frozen; the i-th entry is the
   epoch (0-based, fractions allowed) from which the i-th group from the top trains:
   groups are the stages from the last (``layer4``, with a pre-activation net's
-  ``bn_final``) down to ``layer1``, then the stem (``conv1``, ``bn1``). Groups not listed
+  ``bn_final``; the article's network has one per block, ``layer9``) down to ``layer1``,
+  then the stem (``conv1``, ``bn1``). Groups not listed
   stay frozen. Until its epoch a group's update, weight decay and momentum are exactly zero.
 
 The optimiser is ``optax.multi_transform`` over these groups; each trainable group is
@@ -62,9 +63,13 @@ def top_level_group(key: str) -> str:
 
 
 def backbone_groups(config) -> list[str]:
-    """Backbone groups of ``config.model`` from the top: ``['layer4', ..., 'layer1', 'stem']``."""
+    """Backbone groups of ``config.model`` from the top: ``['layer4', ..., 'layer1', 'stem']``.
+
+    One group per stage (``layers``), or per block for the article's network (``num_blocks``).
+    """
     kwargs = {**get_spec(config.model).kwargs, **dict(config.get("model_kwargs", {}) or {})}
-    return [f"layer{i}" for i in range(len(kwargs["layers"]), 0, -1)] + [STEM]
+    count = len(kwargs["layers"]) if "layers" in kwargs else int(kwargs["num_blocks"])
+    return [f"layer{i}" for i in range(count, 0, -1)] + [STEM]
 
 
 def group_of(path: tuple, groups: list[str]) -> str:
