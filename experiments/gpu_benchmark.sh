@@ -9,7 +9,7 @@
 # in the environment ($PYTHON, default .venv/bin/python). Not run in the session that wrote it
 # (no GPU was lent to that task): no GPU numbers exist until someone runs this.
 #
-# What it records (BUILD_NOTES.md, "Performance"): images/s (median of repeats after warm-up),
+# What it records (docs/performance.md): images/s (median of repeats after warm-up),
 # compile time, device peak memory, achieved train FLOP/s and its fraction of the card's dense
 # bf16 peak (known cards are looked up by name; override with PEAK_TFLOPS=...), and the
 # ours/PyTorch ratio. Then the training loop against the bare step (the device must not stall:
