@@ -140,7 +140,7 @@ def test_our_weights_export_to_the_articles_code(tmp_path, article_pth):
     sd = pretrained.export_safetensors(model, tmp_path / "ours.safetensors")
     ref = TorchResNet(9, 10)
     assert set(sd) == set(ref.state_dict())
-    np.testing.assert_array_equal(sd["layers.53.weight"], sd["fc.weight"])
+    chex.assert_trees_all_equal(sd["layers.53.weight"], sd["fc.weight"])
     ref.load_state_dict({k: torch.from_numpy(v) for k, v in
                          pretrained.read_state_dict(tmp_path / "ours.safetensors").items()}, strict=True)
     x, xt = inputs(2)
