@@ -102,3 +102,55 @@ def test_train_again_resumes_from_the_newest_checkpoint(run, tmp_path, capsys):
     assert "resumed from" in out and f"epoch {EPOCHS + 1}/{EPOCHS + 1}" in out and "epoch 1/" not in out
     evals = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert [r["epoch"] for r in evals] == list(range(1, EPOCHS + 2))
+
+
+# Config files that fail to load, each with a word its one-line error must hold.
+BAD_CONFIG_FILES = {
+    "missing.py": (None, "not found"),
+    "syntax.py": ("def get_config(:\n", "syntax error"),
+    "bad_import.py": ("import no_such_module_for_flax_resnet\n", "ModuleNotFoundError"),
+    "no_get_config.py": ("x = 1\n", "no get_config()"),
+    "raises.py": ("def get_config():\n    raise RuntimeError('boom')\n", "RuntimeError: boom"),
+}
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIG_FILES))
+def test_a_config_file_that_fails_to_load_is_one_line_exit_2(name, tmp_path, capsys):
+    text, words = BAD_CONFIG_FILES[name]
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", str(tmp_path / name), "--workdir", str(workdir)]) == 2
+    line = _one_line_error(capsys)
+    assert name in line and words in line
+    assert not workdir.exists()
+
+
+def test_a_file_named_like_a_recipe_does_not_shadow_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits_resnet20").write_text("garbage that would crash if run as Python (\n")
+    # The recipe loads (and here fails validation on purpose, before any training starts).
+    assert main(["train", "--config", "digits_resnet20", "--config.num_epochs=-1"]) == 2
+    assert "--config.num_epochs=-1: must be at least 1 (or set --config.num_train_steps)" in _one_line_error(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override,field", [
+    ("--config.num_epochs=-1", "num_epochs"), ("--config.num_train_steps=-3", "num_train_steps"),
+    ("--config.learning_rate=0", "learning_rate"), ("--config.batch_size=0", "batch_size"),
+    ("--config.image_size=3", "image_size"), ("--config.momentum=1.5", "momentum"),
+    ("--config.schedule=linear", "schedule"), ("--config.model=resnet21", "resnet21"),
+    ("--config.label_smoothing=-0.1", "label_smoothing"), ("--config.max_to_keep=0", "max_to_keep"),
+])
+def test_an_invalid_field_is_one_line_exit_2_and_writes_nothing(override, field, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert main(["train", override, "--workdir", str(workdir)]) == 2
+    assert field in _one_line_error(capsys)
+    assert not workdir.exists()

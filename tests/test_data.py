@@ -341,6 +341,52 @@ def test_missing_val_folder_is_a_user_error(tmp_path):
         data.prepare(f"folder:{tmp_path}", str(tmp_path / "tfds"))
 
 
+def _folder_with_empty(root, empty_split):
+    """train/ and val/ with classes a and b; every class folder of ``empty_split`` holds no image."""
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            if split != empty_split:
+                (d / "0.png").write_bytes(_png(np.full((16, 16, 3), 9, np.uint8)))
+    return root
+
+
+@pytest.mark.parametrize("empty_split", ["train", "val"])
+def test_empty_class_folders_fail_before_anything_is_written(tmp_path, capsys, empty_split):
+    root = _folder_with_empty(tmp_path / "imgs", empty_split)
+    data_dir = tmp_path / "tfds"
+    assert cli.main(["prepare", f"folder:{root}", "--data_dir", str(data_dir)]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err and "No examples" not in err, err
+    assert f"{root / empty_split} holds no images" in lines[0]
+    assert str(root / empty_split / "a") in lines[0] and f"{empty_split}/<class>/" in lines[0]
+    assert not data_dir.exists()
+
+
+def test_an_empty_train_class_is_a_user_error(tmp_path):
+    root = _folder_with_empty(tmp_path / "imgs", None)
+    for f in (root / "train" / "b").iterdir():
+        f.unlink()
+    with pytest.raises(UserError, match=r"train/b hold no images"):
+        data.prepare(f"folder:{root}", str(tmp_path / "tfds"))
+    assert not (tmp_path / "tfds").exists()
+
+
+def test_cli_finetune_on_empty_folders_is_one_line_exit_2(tmp_path, capsys):
+    root = _folder_with_empty(tmp_path / "imgs", "train")
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")  # never read: the folder check comes first
+    workdir = tmp_path / "run"
+    argv = ["finetune", "--dataset", f"folder:{root}", "--data_dir", str(tmp_path / "tfds"), "--model", "resnet8",
+            "--pretrained", str(weights), "--workdir", str(workdir)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "holds no images" in err and "Traceback" not in err, err
+    assert not workdir.exists() and not (tmp_path / "tfds").exists()
+
+
 # ----------------------------------------------------------------------------- augmentation units
 def test_random_crop_flip_is_a_padded_crop_or_its_mirror():
     rng = np.random.default_rng(0)

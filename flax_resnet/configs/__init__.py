@@ -3,6 +3,7 @@
 A recipe is a module with ``get_config() -> ml_collections.ConfigDict``. Pick it by
 name (a module in this package, e.g. ``cifar10_resnet56``) or by path to a ``.py`` file,
 then override fields from the command line as ``--config.num_epochs=3``.
+:func:`load_config` checks the result with :func:`validate_config` (also run by the trainer).
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ import ast
 import difflib
 import importlib
 import importlib.util
+import os
 import pkgutil
 from pathlib import Path
 from typing import Sequence
 
 import ml_collections
 
+from flax_resnet.configs.validate import validate_config
 from flax_resnet.errors import UserError
 
 DEFAULT_CONFIG = "digits_resnet20"
-_NOT_RECIPES = {"default"}
+_NOT_RECIPES = {"default", "validate"}
 # ConfigDict fields under which overrides may create new keys (free-form kwargs).
 _OPEN_FIELDS = {"model_kwargs"}
 
@@ -31,32 +34,66 @@ def list_configs() -> list[str]:
     return sorted(n for n in names if n not in _NOT_RECIPES)
 
 
-def _module_from_path(path: Path):
+def _first_line(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _is_path(name_or_path: str) -> bool:
+    """A path only when it ends in ``.py`` or holds a path separator; otherwise a recipe name."""
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return name_or_path.endswith(".py") or any(s in name_or_path for s in seps)
+
+
+def _config_from_file(path: Path) -> ml_collections.ConfigDict:
+    """Runs ``path``'s ``get_config()``; any failure is a one-line :class:`UserError`."""
+    if not path.is_file():
+        raise UserError(f"config file {path} not found: pass an existing .py file or one of: {', '.join(list_configs())}")
     spec = importlib.util.spec_from_file_location(f"flax_resnet_user_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if spec is None or spec.loader is None:
+        raise UserError(f"config file {path} is not a Python module: give it a .py name")
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise UserError(f"config file {path} has a syntax error at line {e.lineno}: {e.msg}; "
+                        "fix it (python -m py_compile shows where)") from None
+    except Exception as e:  # pylint: disable=broad-except  # a user's file may raise anything
+        raise UserError(f"config file {path} failed to load ({_first_line(e)}): fix the file or the "
+                        "environment it imports from") from None
+    get = getattr(module, "get_config", None)
+    if not callable(get):
+        raise UserError(f"config file {path} has no get_config(): define get_config() returning an "
+                        "ml_collections.ConfigDict")
+    try:
+        config = get()
+    except Exception as e:  # pylint: disable=broad-except
+        raise UserError(f"config file {path}: get_config() raised {_first_line(e)}: fix get_config()") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UserError(f"config file {path}: get_config() returned {type(config).__name__}, not an "
+                        "ml_collections.ConfigDict: return one (see flax_resnet/configs/default.py)")
+    return config
 
 
 def get_config(name_or_path: str | None = None) -> ml_collections.ConfigDict:
-    """Loads a recipe by name (``cifar10_resnet20``) or by path (``my_recipe.py``)."""
+    """Loads a recipe by name (``cifar10_resnet20``) or by path (``my_recipe.py``).
+
+    Recipe names resolve first; ``name_or_path`` is a file only when it ends in ``.py`` or
+    holds a path separator (so a file named like a recipe in the current directory does not
+    shadow it). Any failure to load a file is a one-line :class:`UserError`.
+    """
     name_or_path = name_or_path or DEFAULT_CONFIG
-    path = Path(name_or_path)
-    if name_or_path.endswith(".py") or path.is_file():
-        if not path.is_file():
-            raise UserError(f"config file {name_or_path} not found; pass an existing .py file or one of: {', '.join(list_configs())}")
-        module = _module_from_path(path)
-    else:
-        if name_or_path not in list_configs():
-            close = difflib.get_close_matches(name_or_path, list_configs(), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise UserError(
-                f"unknown config {name_or_path!r}{hint}; use one of: {', '.join(list_configs())}, or a path to a .py file"
-            )
-        module = importlib.import_module(f"{__name__}.{name_or_path}")
-    if not hasattr(module, "get_config"):
-        raise UserError(f"config {name_or_path} has no get_config(); define get_config() returning an ml_collections.ConfigDict")
-    return module.get_config()
+    if name_or_path in list_configs():
+        return importlib.import_module(f"{__name__}.{name_or_path}").get_config()
+    if _is_path(name_or_path):
+        return _config_from_file(Path(name_or_path).expanduser())
+    close = difflib.get_close_matches(name_or_path, list_configs(), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    if Path(name_or_path).is_file():
+        hint += f" (the file {name_or_path} here is not read as a config: name it {name_or_path}.py to use it)"
+    raise UserError(
+        f"unknown config {name_or_path!r}{hint}; use one of: {', '.join(list_configs())}, or a path to a .py file"
+    )
 
 
 def _parse_value(text: str, current):
@@ -136,5 +173,5 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 
 def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """:func:`get_config` followed by :func:`apply_overrides`."""
-    return apply_overrides(get_config(name_or_path), overrides)
+    """:func:`get_config`, then :func:`apply_overrides`, then :func:`validate_config`."""
+    return validate_config(apply_overrides(get_config(name_or_path), overrides))

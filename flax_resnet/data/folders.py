@@ -80,7 +80,24 @@ def scan_folder(root: str) -> FolderLayout:
                     if not _is_hidden(f):
                         entries.append((os.path.join(dirpath, f), index[entry]))
         files[split] = entries
+    _check_not_empty(root, class_names, files)
     return FolderLayout(root=root, class_names=class_names, files=files, stray=tuple(stray))
+
+
+def _check_not_empty(root: str, class_names: tuple[str, ...], files: dict[str, list[tuple[str, int]]]) -> None:
+    """A split with no files, or a train class with none, is a UserError before any work starts
+    (TFDS would fail later with "No examples were yielded")."""
+    for split, entries in files.items():
+        seen = {label for _, label in entries}
+        empty = [os.path.join(root, split, c) for i, c in enumerate(class_names) if i not in seen
+                 and os.path.isdir(os.path.join(root, split, c))]
+        if not entries:
+            where = f"its class folders {', '.join(empty)} are empty" if empty else "it has no class folders"
+            raise UserError(f"image folder split {os.path.join(root, split)} holds no images ({where}): "
+                            f"put each class's images (JPEG, PNG, ...) in {split}/<class>/")
+        if split == "train" and empty:
+            raise UserError(f"class folder(s) {', '.join(empty)} hold no images: put that class's training "
+                            "images (JPEG, PNG, ...) there, or remove the folder")
 
 
 def folder_config_name(root: str) -> str:

@@ -34,12 +34,14 @@ def prepare(
     A folder is re-scanned every time it is prepared.
     """
     root = resolve_data_dir(data_dir)
+    if name.startswith(FOLDER_PREFIX):
+        folder = name[len(FOLDER_PREFIX) :]
+        # Scans the folder: a bad layout or empty class folders fail here, before anything is written.
+        builder = ImageFolderBuilder(root=folder, data_dir=root, verbose=verbose)
     os.makedirs(root, exist_ok=True)
     forget(name, root)
 
     if name.startswith(FOLDER_PREFIX):
-        folder = name[len(FOLDER_PREFIX) :]
-        builder = ImageFolderBuilder(root=folder, data_dir=root, verbose=verbose)
         if builder.is_prepared():  # re-scan: the folder may have changed since
             shutil.rmtree(builder.data_dir)
             builder = ImageFolderBuilder(root=folder, data_dir=root, verbose=verbose)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from flax_resnet import data
 from flax_resnet.checkpoint import has_checkpoint
+from flax_resnet.configs import validate_config
 from flax_resnet.data.sources import FOLDER_PREFIX
 from flax_resnet.errors import DatasetNotPreparedError, UserError
 from flax_resnet.training.loop import train_and_evaluate
@@ -25,6 +26,7 @@ def finetune(config, workdir, *, print_fn=print):
     from ``workdir``'s checkpoint does not read it again. Returns the
     :class:`~flax_resnet.training.loop.TrainSummary`.
     """
+    validate_config(config)  # before a folder is prepared
     if not config.dataset:
         raise UserError("no dataset: pass --dataset folder:PATH (PATH/train/<class>/*, PATH/val/<class>/*)")
     init_from = None

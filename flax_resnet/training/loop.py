@@ -30,6 +30,7 @@ import numpy as np
 
 from flax_resnet import data, models, parallel
 from flax_resnet.checkpoint import Checkpointer
+from flax_resnet.configs import validate_config
 from flax_resnet.training.preemption import PreemptionGuard
 from flax_resnet.errors import TrainingDivergedError, UserError
 from flax_resnet.training import logging as run_logging
@@ -244,6 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         workdir holding a run of another model/dataset, ...), found before anything is
         written; :class:`TrainingDivergedError` when the loss becomes NaN/inf.
     """
+    validate_config(config)  # bad values fail here, before anything starts or is written
     parallel.initialize_distributed()  # no-op unless launched as one of several processes
     t_start = time.perf_counter()
     main = run_logging.is_main_process()
