@@ -40,8 +40,15 @@ def test_every_recipe_passes_validation():
     assert "validate" not in list_configs() and "default" not in list_configs()
 
 
-def test_schedule_names_are_the_trainers():
-    assert validate.SCHEDULES == schedules.SCHEDULES
+def test_every_schedule_name_the_validator_accepts_builds_a_schedule():
+    for name in validate.SCHEDULES:
+        config = get_config("digits_resnet20")
+        config.schedule = name
+        lr = schedules.create_learning_rate_fn(config, 10, 100)
+        assert 0 < float(lr(50)) <= config.learning_rate * (1 + 1e-6), name
+    config.schedule = "linear"
+    with pytest.raises(UserError, match="schedule"):
+        schedules.create_learning_rate_fn(config, 10, 100)
 
 
 @pytest.mark.parametrize("field,value,words", BAD_FIELDS, ids=[f"{f}={v}" for f, v, _ in BAD_FIELDS])

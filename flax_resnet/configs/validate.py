@@ -18,8 +18,7 @@ import ml_collections
 from flax_resnet.errors import UserError
 from flax_resnet.models import get_spec
 
-# The names flax_resnet.training.schedules.create_learning_rate_fn accepts (its SCHEDULES;
-# a test keeps the two equal). Kept here so that configs does not import the training package.
+# The learning-rate schedules flax_resnet.training.schedules.create_learning_rate_fn builds.
 SCHEDULES = ("step", "cosine", "constant")
 
 

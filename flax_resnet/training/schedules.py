@@ -10,9 +10,9 @@ from typing import Sequence
 
 import optax
 
+from flax_resnet.configs.validate import SCHEDULES
 from flax_resnet.errors import UserError
 
-SCHEDULES = ("step", "cosine", "constant")
 
 
 def scaled_learning_rate(base_lr: float, batch_size: int, linear_scaling: bool) -> float:
