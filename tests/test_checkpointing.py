@@ -266,8 +266,8 @@ def test_class_count_mismatch_and_new_head(straight, tmp_path):
     (["--config", "no_such_recipe"], "unknown config 'no_such_recipe'.*use one of"),
     (["--config.model=resnet9000"], "unknown model 'resnet9000'.*flax-resnet models"),
     (["--config.dataset=no_such_dataset"], "unknown dataset 'no_such_dataset': use a TFDS name"),
-    (["--config.batch_size=0"], "batch_size=0 must be a positive integer; set --config.batch_size to a multiple of 8"),
-    (["--config.batch_size=-64"], "batch_size=-64 must be a positive integer"),
+    (["--config.batch_size=0"], r"--config.batch_size=0: must be a positive integer"),
+    (["--config.batch_size=-64"], r"--config.batch_size=-64: must be a positive integer"),
     (["--config.batch_size=12"], "batch_size=12 does not split over 8 devices.*multiple of 8"),
 ])
 def test_bad_train_input_is_one_line_exit_2_and_touches_nothing(extra, message, straight, digits_data_dir, tmp_path):
