@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_resnet.errors import UserError
-from flax_resnet.models.layers import BatchNorm, Layers, uniform_fan_in
+from flax_resnet.models.head import ClassifierHead
+from flax_resnet.models.layers import BatchNorm, Layers
 
 WIDTH = 64
 _MODULES_PER_BLOCK = 6  # ResidualBlock, BatchNorm, ReLU, MaxPool, BatchNorm, ReLU
@@ -56,7 +57,7 @@ class ArticleLayer(nnx.Module):
         return x
 
 
-class ArticleResNet(nnx.Module):
+class ArticleResNet(ClassifierHead):
     """The article's ``ResNet(num_blocks, num_classes)`` (see the module docstring).
 
     Args:
@@ -86,19 +87,6 @@ class ArticleResNet(nnx.Module):
         self.num_features = WIDTH
         self.fc = self._make_head(num_classes, make.rngs, param_dtype)
 
-    def _make_head(self, num_classes: int, rngs, param_dtype: Any = jnp.float32):
-        self.num_classes = num_classes
-        if num_classes <= 0:
-            return None
-        init = uniform_fan_in(self.num_features)
-        return nnx.Linear(self.num_features, num_classes, kernel_init=init, bias_init=init,
-                          dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
-        """Replace the head with a freshly initialised one for ``num_classes`` (0: no head)."""
-        param_dtype = self.fc.kernel[...].dtype if self.fc is not None else jnp.float32
-        self.fc = self._make_head(num_classes, rngs or nnx.Rngs(0), param_dtype)
-
     def stages(self) -> list[ArticleLayer]:
         return [getattr(self, f"layer{i + 1}") for i in range(self.num_blocks)]
 
@@ -111,16 +99,6 @@ class ArticleResNet(nnx.Module):
             x = layer(x)
             intermediates[f"layer{i + 1}"] = x
         return (x, intermediates) if return_intermediates else x
-
-    def forward_head(self, features: jax.Array, *, pre_logits: bool = False) -> jax.Array:
-        """Adaptive average pool, flatten and ``fc``; ``pre_logits`` stops after the pool."""
-        pooled = jnp.mean(features, axis=(1, 2))
-        if pre_logits or self.fc is None:
-            return pooled
-        return self.fc(pooled)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.forward_head(self.forward_features(x))
 
     @staticmethod
     def torch_keys(keys: Iterable[str]) -> tuple[dict[str, str], dict[str, str]]:

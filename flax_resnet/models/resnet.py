@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_resnet.models.blocks import BLOCKS, Shortcut
-from flax_resnet.models.layers import BatchNorm, Layers, uniform_fan_in
+from flax_resnet.models.head import ClassifierHead
+from flax_resnet.models.layers import BatchNorm, Layers
 
 Stem = Literal["imagenet", "cifar", "article"]
 
@@ -26,7 +27,7 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-class ResNet(nnx.Module):
+class ResNet(ClassifierHead):
     """A residual network.
 
     Args:
@@ -88,20 +89,6 @@ class ResNet(nnx.Module):
         self.bn_final = make.norm(cin) if self.preact else None
         self.fc = self._make_head(num_classes, make.rngs, param_dtype)
 
-    # ---------------------------------------------------------------- head handling
-    def _make_head(self, num_classes: int, rngs: nnx.Rngs, param_dtype: Any = jnp.float32):
-        self.num_classes = num_classes
-        if num_classes <= 0:
-            return None
-        init = uniform_fan_in(self.num_features)  # PyTorch's nn.Linear default
-        return nnx.Linear(self.num_features, num_classes, kernel_init=init, bias_init=init,
-                          dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
-        """Replace the head with a freshly initialised one for ``num_classes`` (0: no head)."""
-        param_dtype = self.fc.kernel[...].dtype if self.fc is not None else jnp.float32
-        self.fc = self._make_head(num_classes, rngs or nnx.Rngs(0), param_dtype)
-
     # ---------------------------------------------------------------- forward
     def stages(self) -> list[nnx.List]:
         return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
@@ -127,13 +114,3 @@ class ResNet(nnx.Module):
         if self.bn_final is not None:
             x = nnx.relu(self.bn_final(x))
         return (x, intermediates) if return_intermediates else x
-
-    def forward_head(self, features: jax.Array, *, pre_logits: bool = False) -> jax.Array:
-        """Global average pool and classifier; ``pre_logits`` stops after the pool."""
-        pooled = jnp.mean(features, axis=(1, 2))
-        if pre_logits or self.fc is None:
-            return pooled
-        return self.fc(pooled)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.forward_head(self.forward_features(x))
