@@ -62,6 +62,30 @@ class Series:
     style: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def _panels(path: str | Path, n: int, *, width: float, height: float, sharey: bool = False):
+    """A headless figure of ``n`` side-by-side panels, and ``path`` with its folder made."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), sharey=sharey, squeeze=False)
+    return path, fig, axes
+
+
+def _save(fig, path: Path, suptitle: str = "") -> Path:
+    import matplotlib.pyplot as plt
+
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_lines(path: str | Path, panels: Sequence[tuple[str, Sequence[Series]]], *,
                xlabel: str | Sequence[str], ylabel: str | Sequence[str],
                suptitle: str = "", logy: bool = False,
@@ -78,14 +102,7 @@ def plot_lines(path: str | Path, panels: Sequence[tuple[str, Sequence[Series]]],
       ylim: y range of every panel, or one range (or None) per panel.
       sharey: panels share the y axis.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), sharey=sharey, squeeze=False)
+    path, fig, axes = _panels(path, len(panels), width=5.2, height=4, sharey=sharey)
     xlabels = [xlabel] * len(panels) if isinstance(xlabel, str) else list(xlabel)
     ylabels = [ylabel] + [""] * (len(panels) - 1) if isinstance(ylabel, str) else list(ylabel)
     if ylim is None or (len(ylim) == 2 and all(isinstance(v, (int, float)) for v in ylim)):
@@ -105,12 +122,7 @@ def plot_lines(path: str | Path, panels: Sequence[tuple[str, Sequence[Series]]],
         ax.grid(alpha=0.3, which="both" if logy else "major")
         if series:
             ax.legend(fontsize=8)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, suptitle)
 
 
 def plot_bars(path: str | Path, labels: Sequence[str], panels: Sequence[tuple[str, Sequence[float]]], *,
@@ -119,14 +131,7 @@ def plot_bars(path: str | Path, labels: Sequence[str], panels: Sequence[tuple[st
 
     Each bar is annotated with its value (``value_format``); NaN values draw no bar.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), squeeze=False)
+    path, fig, axes = _panels(path, len(panels), width=3.6, height=3.8)
     x = np.arange(len(labels))
     colours = [f"C{i}" for i in range(len(labels))]
     for ax, (title, values) in zip(axes[0], panels):
@@ -138,12 +143,7 @@ def plot_bars(path: str | Path, labels: Sequence[str], panels: Sequence[tuple[st
         ax.set_title(title, fontsize=9)
         ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, suptitle)
 
 
 def report_written(paths: Iterable[str | Path], print_fn: Callable[..., None] = print) -> None:
