@@ -42,6 +42,7 @@ from flax_resnet.training.state import (
 )
 
 PrintFn = Callable[..., None]
+EpochCallback = Callable[[int, dict], None]
 
 
 @dataclasses.dataclass
@@ -172,6 +173,7 @@ def _report_epoch(say, logger, step, epoch, num_epochs, train_rows, ev, elapsed)
     say(f"epoch {epoch}/{num_epochs}  step {step}  train loss {train.get('loss', float('nan')):.4f}  "
         f"test loss {ev['loss']:.4f}  test top-1 {100 * ev['top1']:.2f}%"
         + (f"  top-5 {100 * ev['top5']:.2f}%" if "top5" in ev else "") + f"  ({ev['count']} images)")
+    return record
 
 
 # Fields that change the shapes or meaning of the saved state: a resumed run must keep them.
@@ -219,7 +221,7 @@ def _nonfinite(row: dict) -> str | None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
                        print_fn: PrintFn = print, mesh=None, init_from: str | Path | None = None,
-                       new_head: bool = False) -> TrainSummary:
+                       new_head: bool = False, on_epoch_end: EpochCallback | None = None) -> TrainSummary:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint) and evaluates every epoch.
 
     Args:
@@ -235,6 +237,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
       new_head: with ``init_from``, keep this model's freshly initialised classifier
         (``fc``) instead of the source's: the fine-tuning flow, where class counts may
         differ. Without it, any difference in weight names/shapes is a :class:`UserError`.
+      on_epoch_end: called on every process as ``on_epoch_end(epoch, metrics)`` after each
+        epoch's evaluation and checkpoint (``epoch`` counts from 1; ``metrics`` is the epoch's
+        ``eval`` record in metrics.jsonl (``test_top1``, ``test_loss``, ``train_loss``, ...) plus
+        ``step`` and ``best_top1``). An exception it raises
+        (a hyperparameter search pruning the run, say) ends training there, that epoch saved.
 
     Returns:
       A :class:`TrainSummary` with final and best test top-1, compile time and throughput;
@@ -379,12 +386,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                        "to resume" if saved is not None else "nothing trained yet, nothing saved"))
                 break
             final = evaluate_split(eval_fn, state, eval_batches(config, info, eval_bs), mesh)
-            _report_epoch(say, logger, step, epoch + 1, num_epochs, train_rows, final, time.perf_counter() - t_start)
+            record = _report_epoch(say, logger, step, epoch + 1, num_epochs, train_rows, final, time.perf_counter() - t_start)
             epoch_meta = {**meta, "epoch": epoch + 1, "test_top1": final["top1"]}
             save(state, step, epoch_meta, force=True)
             if final["top1"] > best_top1:
                 best_top1, best_epoch = final["top1"], epoch + 1
                 ckpt.save_best(step, state, data_position(), config_dict, epoch_meta, final["top1"])
+            if on_epoch_end is not None:
+                ckpt.wait()
+                on_epoch_end(epoch + 1, {**record, "step": step, "best_top1": best_top1})
         if not final and not stopped:  # nothing left to train (a finished run): just report
             final = evaluate_split(eval_fn, state, eval_batches(config, info, eval_bs), mesh)
         ckpt.wait()

@@ -1,0 +1,5 @@
+"""After training: ``export`` (ONNX, StableHLO) and ``explain`` (Grad-CAM)."""
+
+from __future__ import annotations
+
+SUBCOMMANDS: list = []
