@@ -28,7 +28,7 @@ if _HERE not in sys.path:  # `common` sits beside the scripts, however a script 
     sys.path.insert(0, _HERE)
 from common import report, runs  # noqa: E402
 
-from flax_resnet.data import prepare, synthetic, train_iterator  # noqa: E402
+from flax_resnet.data import enable_worker_processes, prepare, synthetic, train_iterator  # noqa: E402
 
 
 def make_jpeg_folder(root: str, classes: int, per_class: int, seed: int = 0) -> None:
@@ -88,6 +88,7 @@ def main(argv=None) -> None:
     prepare(f"folder:{jpeg_root}", data_dir, verbose=False)
     print(f"data ready in {time.perf_counter() - t:.1f}s under {args.workdir}")
 
+    enable_worker_processes()  # Grain's workers read absl flags
     rows = []
     for label, name, batches, size in (
         ("CIFAR-shaped (32x32 PNG, in memory)", "cifar10", args.cifar_batches, None),

@@ -190,8 +190,16 @@ def test_restored_iterator_state_continues_identically(digits_dir):
 
 
 def test_grain_workers_give_the_same_stream(digits_dir):
+    from absl import flags
+
     kw = dict(batch_size=100, seed=2, data_dir=digits_dir)
     plain = _take(data.train_iterator("digits", **kw), 4)
+    # Workers need absl flags parsed; the library never marks them on its own (opt-in, as the CLI does).
+    flags.FLAGS.unparse_flags()
+    with pytest.raises(UserError, match=r"enable_worker_processes\(\)"):
+        data.train_iterator("digits", num_workers=2, **kw)
+    assert not flags.FLAGS.is_parsed()
+    data.enable_worker_processes()
     with data.train_iterator("digits", num_workers=2, **kw) as it:
         it.set_state({"step": 1})
         for want, got in zip(plain[1:], _take(it, 3)):

@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
-    from flax_resnet import cpu
+    from flax_resnet import cpu, data
 
     cpu.tune_host_allocator()  # first, before JAX starts its CPU threads (see its docstring)
+    data.enable_worker_processes()  # Grain's workers read absl flags (--config.num_workers > 0)
     try:
         status = args.func(args)
     except UserError as e:

@@ -14,13 +14,15 @@ iterators); ``synthetic`` writes random stand-ins for tests and benchmarks.
 
 from flax_resnet.data.augment import preprocess_for_eval
 from flax_resnet.data.info import DatasetInfo, get_dataset_info
-from flax_resnet.data.pipeline import TrainIterator, eval_batches, num_eval_batches, train_iterator
+from flax_resnet.data.pipeline import (TrainIterator, enable_worker_processes, eval_batches, num_eval_batches,
+                                       train_iterator)
 from flax_resnet.data.preparing import prepare
 from flax_resnet.data.sources import prepare_command
 
 __all__ = [
     "DatasetInfo",
     "TrainIterator",
+    "enable_worker_processes",
     "eval_batches",
     "get_dataset_info",
     "num_eval_batches",

@@ -24,12 +24,29 @@ from flax_resnet.errors import UserError
 
 
 # ----------------------------------------------------------------------------- grain plumbing
-def _mark_flags_parsed(*_):
-    """Grain reads absl flags; a script that never parsed them would crash, so mark them parsed."""
+def enable_worker_processes(*_) -> None:
+    """Lets this process start Grain worker processes (``num_workers > 0``).
+
+    Grain reads its absl flags while it starts and runs its workers, which fails unless the
+    flags were parsed. This marks them parsed (with their defaults) for the rest of the
+    process, so it is opt-in: the ``flax-resnet`` command calls it, a script run under
+    ``absl.app.run`` does not need it, and a notebook calls it once before training with
+    workers. (Grain's workers run it too, in their own processes.)
+    """
     from absl import flags
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def _check_worker_processes(num_workers: int) -> None:
+    from absl import flags
+
+    if num_workers > 0 and not flags.FLAGS.is_parsed():
+        raise UserError(
+            f"num_workers={num_workers} starts Grain worker processes, which read absl flags this process has "
+            "not parsed: call flax_resnet.data.enable_worker_processes() once first (the CLI does), or use "
+            "num_workers=0")
 
 
 @contextlib.contextmanager
@@ -56,10 +73,9 @@ def _grain_iterator(fn, start: int, stop: int, *, num_threads: int, num_workers:
     ds = grain.MapDataset.range(start, stop).map(fn)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=buffer))
     if num_workers > 0:
-        _mark_flags_parsed()
         it_ds = it_ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
-            worker_init_fn=_mark_flags_parsed,
+            worker_init_fn=enable_worker_processes,
         )
     return iter(it_ds)
 
@@ -233,6 +249,7 @@ def train_iterator(
     """
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    _check_worker_processes(num_workers)
     opened = sources.open_dataset(name, data_dir)
     recipe = make_recipe(opened, data_dir, image_size, flip=flip, normalize=normalize)
     n = opened.split_size(opened.train_split)
@@ -289,6 +306,7 @@ def eval_batches(
     """
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    _check_worker_processes(num_workers)
     opened = sources.open_dataset(name, data_dir)
     recipe = make_recipe(opened, data_dir, image_size, normalize=normalize)
     split = split or opened.eval_split
