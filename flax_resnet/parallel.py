@@ -15,6 +15,7 @@ on decisions one of them may see first.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -160,6 +161,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 
 ENV_NO_COMPILATION_CACHE = "FLAX_RESNET_NO_COMPILATION_CACHE"
+COMPILATION_CACHE_MAX_BYTES = 2 * 1024**3  # a ResNet-50 train step is tens of MB
 
 
 def env_flag(name: str) -> bool:
@@ -173,7 +175,37 @@ def user_cache_dir(*parts: str) -> str:
     return os.path.join(base, "flax_resnet", *parts)
 
 
-def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> str | None:
+def unsafe_cache(path: str | os.PathLike) -> str | None:
+    """Why a cache directory or file must not be trusted, or None when it may be.
+
+    Our caches hold code this process runs (a compiled shared library, compiled XLA
+    programs), so, as ssh treats its keys, they count only when they belong to this user and
+    nobody else can write them: a cache that another user owns, or that group or others may
+    write, could carry someone else's code into every process that reads it. A path that
+    does not exist yet is fine (it will be created private).
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"{path} belongs to user id {st.st_uid}, not this user ({os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by group or others (mode {oct(st.st_mode & 0o777)}; chmod go-w it)"
+    return None
+
+
+def private_cache_dir(path: str | os.PathLike) -> str | None:
+    """Creates ``path`` (mode 700) if missing; returns why it cannot be used, or None."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        return f"cannot create {path}: {e.strerror or e}"
+    return unsafe_cache(path)
+
+
+def enable_compilation_cache(cache_dir: str | os.PathLike | None = None, *,
+                             max_size_bytes: int = COMPILATION_CACHE_MAX_BYTES) -> str | None:
     """Turns on JAX's persistent compilation cache, unless it is already configured or disabled.
 
     A compiled train step is written to disk and reused by the next process with the same
@@ -184,6 +216,9 @@ def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> str 
     ``$XDG_CACHE_HOME/flax_resnet/jax`` (``~/.cache/flax_resnet/jax``). Setting
     ``FLAX_RESNET_NO_COMPILATION_CACHE=1`` leaves it off. Only programs that took at least
     JAX's ``jax_persistent_cache_min_compile_time_secs`` (1 s) to compile are stored.
+    The directory must be this user's and not writable by group or others (see
+    :func:`unsafe_cache`); otherwise one warning says why and the cache stays off. The cache
+    is capped at ``max_size_bytes`` (JAX evicts the least recently used programs beyond it).
     Returns the directory in use, or None.
     """
     current = jax.config.jax_compilation_cache_dir
@@ -194,11 +229,13 @@ def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> str 
     if cache_dir is None:
         cache_dir = user_cache_dir("jax")
     cache_dir = os.fspath(cache_dir)
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-    except OSError:
-        return None  # an unwritable cache never stops training; it only costs compile time
+    problem = private_cache_dir(cache_dir)
+    if problem:  # an unusable cache never stops training; it only costs compile time
+        warnings.warn(f"flax_resnet: compilation cache off: {problem}", RuntimeWarning, stacklevel=2)
+        return None
     jax.config.update("jax_compilation_cache_dir", cache_dir)
+    if jax.config.jax_compilation_cache_max_size < 0:
+        jax.config.update("jax_compilation_cache_max_size", int(max_size_bytes))
     # JAX decides once, at the first compile, whether a cache is in use: if something was
     # compiled before this call (the Python API), make it look again.
     from jax.experimental.compilation_cache import compilation_cache

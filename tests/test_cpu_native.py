@@ -172,3 +172,33 @@ def test_one_device_training_with_the_kernels_resumes_bit_for_bit(digits_data_di
     train(tmp_path / "resumed", 4)
     train(tmp_path / "resumed", 8)
     chex.assert_trees_all_equal(restore_state(tmp_path / "resumed", 8), restore_state(tmp_path / "straight", 8))
+
+
+def test_a_cache_other_users_can_write_is_refused(tmp_path, monkeypatch):
+    # The library is code every process runs: a directory or file writable by group/others is not trusted.
+    built = native.status()["library"]
+    lib_dir = tmp_path / "lib"
+    lib_dir.mkdir()
+    planted = lib_dir / os.path.basename(built)
+    shutil.copy(built, planted)
+    os.chmod(lib_dir, 0o777)
+    monkeypatch.setenv(native.ENV_DIR, str(lib_dir))
+    monkeypatch.setattr(native, "_state", {})
+    with pytest.warns(RuntimeWarning, match=r"refusing the cached library: .*writable by group or others"):
+        assert not native.available()
+    os.chmod(lib_dir, 0o700)
+    os.chmod(planted, 0o666)
+    assert "writable by group or others" in parallel.unsafe_cache(planted)
+    assert parallel.unsafe_cache(lib_dir) is None and parallel.unsafe_cache(tmp_path / "missing") is None
+
+
+def test_a_library_that_fails_to_load_is_rebuilt_once(tmp_path):
+    lib_dir = tmp_path / "lib"
+    lib_dir.mkdir(mode=0o700)
+    damaged = lib_dir / os.path.basename(native.status()["library"])
+    damaged.write_bytes(b"\x7fELF truncated")
+    damaged.chmod(0o600)
+    code = "from flax_resnet.cpu import native; s = native.status(); print(s['available'], s['library'])"
+    out = _python(code, FLAX_RESNET_NATIVE_DIR=str(lib_dir))
+    assert out.returncode == 0 and out.stdout.split() == ["True", str(damaged)], out.stderr
+    assert damaged.stat().st_size > 10_000 and parallel.unsafe_cache(damaged) is None

@@ -12,9 +12,11 @@ convolutions everywhere else.
 The shared library is compiled once per source, compiler flags and CPU (``-march=native``)
 with the host's C++ compiler (``$CXX``, else ``c++``/``g++``) into
 ``$XDG_CACHE_HOME/flax_resnet/native`` (``~/.cache/...``; ``FLAX_RESNET_NATIVE_DIR``
-overrides) and loaded from there afterwards. Without a compiler (or when the build fails:
-one ``RuntimeWarning`` says why), or with ``FLAX_RESNET_NO_NATIVE_CONV=1``, :func:`available`
-is False and every convolution is XLA's. The kernels have no JAX differentiation rules of
+overrides) and loaded from there afterwards, but only from a directory and file that belong to
+this user and that nobody else can write (:func:`flax_resnet.parallel.unsafe_cache`); a library
+that fails to load is rebuilt once. Without a compiler, when the build fails, or when the cache
+is not private (one ``RuntimeWarning`` says why), or with ``FLAX_RESNET_NO_NATIVE_CONV=1``,
+:func:`available` is False and every convolution is XLA's. The kernels have no JAX differentiation rules of
 their own: they sit inside ``custom_vjp`` rules (``cpu.convs.conv_kxk``), so first derivatives
 work and higher ones (a gradient of a gradient, ``jax.jvp``) need the plain layers.
 """
@@ -107,9 +109,17 @@ def _load() -> None:
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     path = library_path(compiler)
+    problem = parallel.private_cache_dir(path.parent) or parallel.unsafe_cache(path)
+    if problem:
+        raise RuntimeError(f"refusing the cached library: {problem}")
     if not path.exists():
         build(compiler, path)
-    lib = ctypes.cdll.LoadLibrary(str(path))
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(path))
+    except OSError:  # a truncated or stale file (a build killed midway, another toolchain): rebuild once
+        path.unlink(missing_ok=True)
+        build(compiler, path)
+        lib = ctypes.cdll.LoadLibrary(str(path))
     for target, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     lib.flax_resnet_conv_lanes.restype = ctypes.c_int
