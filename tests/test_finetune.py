@@ -17,10 +17,11 @@ from flax import nnx
 from helpers import restore_state, run_cli
 
 from flax_resnet import data, pretrained
-from flax_resnet.configs import default
+from flax_resnet.configs import default, get_config
 from flax_resnet.models import create_model
 from flax_resnet.training import optimizer
 from flax_resnet.training.optimizer import create_optimizer
+from flax_resnet.training.state import create_model as create_train_model
 from flax_resnet.training.state import split_model
 
 
@@ -222,8 +223,42 @@ def test_finetune_learns_from_converted_weights_and_exports(folder, tmp_path):
     assert _same(params, state.params) and _same(stats, state.batch_stats)
 
 
+def _check_backbone(state, src, moved: set[str]):
+    """Every backbone parameter and BatchNorm statistic outside the groups ``moved`` is
+    bit-identical to the pretrained file ``src``; in each group of ``moved`` both a weight and
+    a running statistic changed; the new head is not all zeros."""
+    got = pretrained.to_torch_state_dict(state.params, state.batch_stats)
+    for key, value in got.items():
+        if key.startswith("fc.") or key.endswith("num_batches_tracked"):
+            continue
+        group = key.split(".")[0] if key.startswith("layer") else "stem"
+        if group not in moved:
+            assert np.array_equal(value, src[key]), key  # bit for bit
+    for group in moved:
+        for kind in ("weight", "running_var"):
+            assert any(not np.array_equal(got[k], src[k]) for k in got
+                       if k.startswith(group + ".") and k.endswith(kind) and k in src), (group, kind)
+    assert not np.array_equal(got["fc.weight"][:3], np.zeros((3, 64)))
+
+
+def test_freeze_backbone_is_a_linear_probe(folder, tmp_path):
+    """--freeze-backbone alone: the backbone's parameters *and* BatchNorm statistics stay
+    bit-identical (freeze_bn_stats follows freeze_backbone) while the head learns."""
+    workdir = tmp_path / "run"
+    rc, out, err = run_cli(_argv(folder, workdir, "--config.num_epochs=1", "--freeze-backbone"))
+    assert rc == 0, err[-2000:]
+    assert "layer3 frozen, layer2 frozen, layer1 frozen, stem frozen; BatchNorm statistics frozen" in out
+    state = restore_state(workdir, 4)
+    _check_backbone(state, pretrained.read_state_dict(folder[2]), moved=set())
+    config = get_config("finetune_folder")
+    config.model = "resnet8"
+    start = nnx.state(create_train_model(config, 3, 3).fc)  # the new head the run started from
+    assert not np.array_equal(np.asarray(state.params["fc"]["kernel"]), np.asarray(start["kernel"][...]))
+
+
 def test_frozen_layers_bit_for_bit_gradual_unfreezing_and_resume(folder, tmp_path):
-    """Backbone frozen (with its BatchNorm statistics) for epoch 1, layer3 trains from epoch 2.
+    """Backbone frozen (with its BatchNorm statistics, by default) for epoch 1, layer3 trains
+    (weights and statistics) from epoch 2 while the groups below stay frozen, statistics too.
 
     The run is stopped after epoch 1 and resumed with the weights file gone: the checkpoint,
     not the file, is where a resumed run starts from.
@@ -231,24 +266,14 @@ def test_frozen_layers_bit_for_bit_gradual_unfreezing_and_resume(folder, tmp_pat
     workdir = tmp_path / "run"
     root, data_dir, weights = folder
     src = pretrained.read_state_dict(weights)
-    extra = ("--freeze-bn-stats", "--unfreeze-epochs", "1", "--config.learning_rate=0.1")
+    extra = ("--unfreeze-epochs", "1", "--config.learning_rate=0.1")
     rc, out, err = run_cli(_argv(folder, workdir, "--config.num_epochs=1", *extra))
     assert rc == 0, err[-2000:]
-    assert "fine-tuning: head lr x1, layer3 lr x0.1 from step 4, layer2 frozen, layer1 frozen, stem frozen" in out
+    assert ("fine-tuning: head lr x1, layer3 lr x0.1 from step 4, layer2 frozen, layer1 frozen, stem frozen; "
+            "BatchNorm statistics frozen with their group") in out
 
     def check(state, moved: set[str]):
-        got = pretrained.to_torch_state_dict(state.params, state.batch_stats)
-        for key, value in got.items():
-            if key.startswith("fc.") or key.endswith("num_batches_tracked"):
-                continue
-            group = key.split(".")[0] if key.startswith("layer") else "stem"
-            if group in moved and "running" not in key:
-                continue
-            assert np.array_equal(value, src[key]), key  # bit for bit
-        for group in moved:
-            assert any(not np.array_equal(got[k], src[k]) for k in got
-                       if k.startswith(group + ".") and "running" not in k and k in src), group
-        assert not np.array_equal(got["fc.weight"][:3], np.zeros((3, 64)))
+        _check_backbone(state, src, moved)
 
     check(restore_state(workdir, 4), moved=set())
 
@@ -269,3 +294,17 @@ def test_finetune_user_errors(folder, tmp_path):
     assert rc == 2 and "nope.safetensors not found" in err
     rc, _, err = run_cli([a if a != "resnet8" else "resnet20" for a in _argv(folder, tmp_path / "b")])
     assert rc == 2 and "does not fit this model" in err and "layer1.1.conv1.weight" in err
+
+
+def test_freeze_bn_stats_follows_the_parameters_unless_set():
+    groups = lambda step, **kw: optimizer.frozen_bn_groups(_config(**kw), step, steps_per_epoch=2)  # noqa: E731
+    everything = {"layer3", "layer2", "layer1", "stem"}
+    assert groups(0) == set() and groups(0, backbone_lr_mult=0.1) == set()
+    assert groups(5, freeze_backbone=True) == everything
+    assert groups(5, freeze_backbone=True, freeze_bn_stats=False) == set()
+    assert groups(0, freeze_bn_stats=True) == everything  # today's explicit flag: the whole run
+    # gradual unfreezing: layer3 from step 2, layer2 from step 4; the statistics follow
+    assert groups(1, unfreeze_epochs=(1, 2)) == everything
+    assert groups(2, unfreeze_epochs=(1, 2)) == {"layer2", "layer1", "stem"}
+    assert groups(4, unfreeze_epochs=(1, 2)) == {"layer1", "stem"}
+    assert groups(4, unfreeze_epochs=(1, 2), freeze_bn_stats="true") == everything  # an override's text

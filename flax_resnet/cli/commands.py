@@ -6,6 +6,7 @@ function; the package's heavy modules are imported only when their subcommand ru
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from flax_resnet.errors import UserError
@@ -162,8 +163,9 @@ def _add_finetune(sub):
     p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None, help="TFDS data directory")
     p.add_argument("--freeze-backbone", action="store_true", default=None,
                    help="train only the head; the backbone gets exactly zero updates")
-    p.add_argument("--freeze-bn-stats", action="store_true", default=None,
-                   help="backbone BatchNorm normalises with, and keeps, its running statistics")
+    p.add_argument("--freeze-bn-stats", action=argparse.BooleanOptionalAction, default=None,
+                   help="backbone BatchNorm normalises with, and keeps, its running statistics for the "
+                        "whole run (default: a group's statistics are frozen while its weights are)")
     p.add_argument("--backbone-lr-mult", type=float, default=None, metavar="X",
                    help="backbone learning rate = learning_rate * X (recipe default 0.1)")
     p.add_argument("--unfreeze-epochs", default=None, metavar="E1,E2,...",

@@ -24,7 +24,8 @@ Fields:
     keep_pretrained_head: also load its classifier (default: a new head sized to the
     dataset). Fine-tuning (flax_resnet.training.finetune): freeze_backbone (exactly zero
     updates for all but ``fc``), freeze_bn_stats (backbone BatchNorm uses and keeps its
-    running statistics), backbone_lr_mult (backbone lr = learning_rate * this),
+    running statistics; None: follow the parameters, i.e. a backbone group's statistics
+    are frozen while its parameters are), backbone_lr_mult (backbone lr = learning_rate * this),
     unfreeze_epochs (gradual unfreezing: epoch from which each backbone group, from the
     top, trains; unlisted groups stay frozen).
   cpu_fast_path: on the CPU backend, build the model from flax_resnet.cpu's fast layers
@@ -54,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.pretrained = ""
     c.keep_pretrained_head = False
     c.freeze_backbone = False
-    c.freeze_bn_stats = False
+    c.freeze_bn_stats = None  # None: frozen exactly where the backbone's parameters are
     c.backbone_lr_mult = 1.0
     c.unfreeze_epochs = ()
 

@@ -7,8 +7,9 @@ needed) or ``.pth`` (read with ``torch.load(weights_only=True)``); see README.
 
 Run:     flax-resnet finetune --pretrained resnet50.safetensors --model resnet50 \
            --dataset folder:PATH --workdir runs/my_finetune
-         (add --freeze-backbone for a linear probe, --unfreeze-epochs 2,4 for gradual
-         unfreezing, or any --config.FIELD=VALUE)
+         (add --freeze-backbone for a linear probe, its BatchNorm statistics frozen too,
+         --unfreeze-epochs 2,4 for gradual unfreezing, --no-freeze-bn-stats to let frozen
+         layers' BatchNorms use batch statistics, or any --config.FIELD=VALUE)
 
 Recipe: a new head sized to the folder's classes, 224x224 Inception crops + flips,
 batch 32, SGD momentum 0.9 (Nesterov), cosine from lr 0.01 for the head and 0.001
@@ -39,7 +40,7 @@ def get_config():
     c.weight_decay = 1e-4
     c.label_smoothing = 0.1
     c.freeze_backbone = False
-    c.freeze_bn_stats = False
+    c.freeze_bn_stats = None  # follows freeze_backbone / unfreeze_epochs group by group
     c.unfreeze_epochs = ()
     c.num_workers = 0
     c.log_every_steps = 10

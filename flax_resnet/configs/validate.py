@@ -20,6 +20,7 @@ from flax_resnet.models import get_spec
 
 # The learning-rate schedules flax_resnet.training.schedules.create_learning_rate_fn builds.
 SCHEDULES = ("step", "cosine", "constant")
+BOOL_OR_NONE = ("true", "false", "none")  # a field whose default is None takes overrides as text
 
 
 def _fail(field: str, value, fix: str):
@@ -93,6 +94,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     _numbers(config, "lr_boundaries_steps", "must be update counts >= 0, e.g. (32000, 48000)")
     _numbers(config, "lr_boundaries_epochs", "must be epochs >= 0, e.g. (100, 150)")
     _numbers(config, "unfreeze_epochs", "must be epochs >= 0, e.g. (1, 2, 3)")
+    bn = config.get("freeze_bn_stats", None)
+    if not (bn is None or isinstance(bn, bool) or (isinstance(bn, str) and bn.strip().lower() in BOOL_OR_NONE)):
+        _fail("freeze_bn_stats", bn, "must be true, false or none (none: frozen where the backbone's weights are)")
     _at_least(config, "log_every_steps", 1, integer=True, fix="must be at least 1")
     _at_least(config, "checkpoint_every_steps", 0, integer=True, fix="must be at least 0 (0: at epoch ends only)")
     _at_least(config, "max_to_keep", 1, integer=True, fix="must be at least 1")

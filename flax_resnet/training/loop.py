@@ -35,10 +35,11 @@ from flax_resnet.training.preemption import PreemptionGuard
 from flax_resnet.errors import TrainingDivergedError, UserError
 from flax_resnet.training import logging as run_logging
 from flax_resnet.training import optimizer, schedules, steps
+from flax_resnet.training.epoch import global_batches, report_epoch, train_epoch
 from flax_resnet.training.evaluation import eval_batch_size, eval_batches, evaluate_split, image_size, normalize
 from flax_resnet.training.restore import restore_model
 from flax_resnet.training.state import (
-    abstract_train_state, compute_dtype, count_params, create_train_state, transfer_weights,
+    abstract_train_state, compute_dtype, count_params, create_train_state, model_graph, transfer_weights,
 )
 
 PrintFn = Callable[..., None]
@@ -83,97 +84,6 @@ def format_config(config, indent: str = "  ") -> str:
 
     walk(config.to_dict() if hasattr(config, "to_dict") else dict(config), indent)
     return "\n".join(lines)
-
-
-def _global_batches(data_iter, mesh, first=None):
-    """Global sharded batches, pulling from ``data_iter`` only on demand (its position stays exact)."""
-    if first is not None:
-        yield first
-    while True:
-        yield parallel.shard_batch(next(data_iter), mesh)
-
-
-def _train_epoch(train_fn, state, batches, *, step, epoch, num_epochs, epoch_start, epoch_end, config, logger,
-                 save, should_save, check_metrics, should_stop):
-    """Runs the steps ``[step, epoch_end)`` of one epoch with a progress bar.
-
-    Metrics stay on device. At each ``log_every_steps`` boundary their host copies are
-    started (``copy_to_host_async``) and the *previous* interval's, long finished, are
-    fetched, checked (``check_metrics(rows, first_step)`` raises on NaN/inf), logged and shown
-    as the running loss and images/s: the host never waits for the step it has just
-    dispatched, so the device is not left idle while the host logs. Before a periodic
-    checkpoint (``save(state, step)`` on the steps ``should_save`` names), at the epoch's end
-    (saved by the caller) and on a stop, every outstanding interval is fetched and checked
-    first, so no unchecked state is saved. ``should_stop(step)`` is asked before every step.
-    Returns ``(state, step reached, fetched metric rows, images/s per log interval, stopped)``.
-    """
-    log_every = max(int(config.log_every_steps), 1)
-    bar = run_logging.Progress(epoch_end - epoch_start, initial=step - epoch_start,
-                               desc=f"epoch {epoch + 1}/{num_epochs}")
-    pending, rows, rates, meter = [], [], [], run_logging.Throughput()
-    in_flight, in_flight_step = [], step  # the last interval: host copies started, fetched at the next boundary
-
-    def flush(interval, last_step):
-        fetched = jax.device_get(interval)
-        check_metrics(fetched, last_step - len(fetched) + 1)
-        meter.add(config.batch_size * len(fetched))
-        rate = meter.mark()
-        rates.append(rate)
-        rows.extend(fetched)
-        logger.log("train", last_step, {"epoch": epoch + 1, **run_logging.mean_metrics(fetched), "images_per_sec": rate})
-        return {"loss": f"{run_logging.mean_metrics(rows)['loss']:.4f}", "img/s": f"{rate:.0f}"}
-
-    def flush_all():
-        nonlocal pending, in_flight
-        postfix = flush(in_flight, in_flight_step) if in_flight else {}
-        postfix = flush(pending, step) if pending else postfix
-        pending, in_flight = [], []
-        return postfix
-
-    def rotate():
-        nonlocal pending, in_flight, in_flight_step
-        postfix = flush(in_flight, in_flight_step) if in_flight else {}
-        for metrics in pending:
-            for value in metrics.values():
-                value.copy_to_host_async()
-        pending, in_flight, in_flight_step = [], pending, step
-        return postfix
-
-    stopped = False
-    try:
-        while step < epoch_end:
-            if should_stop(step):
-                stopped = True
-                break
-            state, metrics = train_fn(state, next(batches))
-            step += 1
-            pending.append(metrics)
-            save_now = step != epoch_end and should_save(step)
-            if step == epoch_end or save_now:
-                postfix = flush_all()
-            else:
-                postfix = rotate() if step % log_every == 0 else {}
-            bar.update(1, **postfix)
-            if save_now:
-                save(state, step)
-        flush_all()  # stopped between two log intervals
-    finally:
-        bar.close()  # before any error message is printed
-    return state, step, rows, rates, stopped
-
-
-def _report_epoch(say, logger, step, epoch, num_epochs, train_rows, ev, elapsed):
-    """The per-epoch ``eval`` record in metrics.jsonl/TensorBoard and the printed line."""
-    train = run_logging.mean_metrics(train_rows)
-    record = {"epoch": epoch, "train_loss": train.get("loss"), "train_top1": train.get("top1"),
-              "test_loss": ev["loss"], "test_top1": ev["top1"], "test_count": ev["count"], "elapsed_s": elapsed}
-    if "top5" in ev:
-        record["test_top5"] = ev["top5"]
-    logger.log("eval", step, record)
-    say(f"epoch {epoch}/{num_epochs}  step {step}  train loss {train.get('loss', float('nan')):.4f}  "
-        f"test loss {ev['loss']:.4f}  test top-1 {100 * ev['top1']:.2f}%"
-        + (f"  top-5 {100 * ev['top5']:.2f}%" if "top5" in ev else "") + f"  ({ev['count']} images)")
-    return record
 
 
 # Fields that change the shapes or meaning of the saved state: a resumed run must keep them.
@@ -293,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         say(f"dataset: {info.name} ({info.train_size} train / {info.eval_size} {info.eval_split}, "
             f"{num_classes} classes, {tuple(info.image_shape)}); global batch {config.batch_size}, "
             f"{steps_per_epoch} steps/epoch, {total_steps} steps ({num_epochs} epochs)")
-        if optimizer.uses_param_groups(config) or config.get("freeze_bn_stats", False):
+        if optimizer.uses_param_groups(config) or optimizer.freeze_bn_setting(config):
             say(optimizer.describe(config, steps_per_epoch))
 
         ckpt = Checkpointer(workdir, save_every_steps=config.checkpoint_every_steps,
@@ -319,8 +229,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 say(f"initialised from {init_from}" + (" (new head)" if new_head else ""))
         say(f"model: {config.model} ({count_params(state.params):,} params, compute {jnp.dtype(dtype).name})")
 
-        train_fn = steps.jit_train_step(mesh, graph=graph, tx=tx, learning_rate_fn=lr_fn, num_classes=num_classes,
-                                        label_smoothing=config.label_smoothing, compute_dtype=dtype)
+        # One compiled step per set of BatchNorm-frozen groups (gradual unfreezing switches at a group's epoch).
+        train_fns, graphs = {}, {optimizer.frozen_bn_groups(config, 0): graph}
+
+        def train_fn_at(at: int):
+            frozen = optimizer.frozen_bn_groups(config, at, steps_per_epoch)
+            if frozen not in train_fns:
+                g = graphs.get(frozen) or model_graph(config, num_classes, in_channels, frozen)
+                train_fns[frozen] = steps.jit_train_step(
+                    mesh, graph=g, tx=tx, learning_rate_fn=lr_fn, num_classes=num_classes,
+                    label_smoothing=config.label_smoothing, compute_dtype=dtype)
+            return train_fns[frozen]
         eval_fn = steps.jit_eval_step(mesh, graph=graph, num_classes=num_classes, compute_dtype=dtype)
         state_is_finite = jax.jit(steps.all_finite)
 
@@ -364,14 +283,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         if step < total_steps:
             first = parallel.shard_batch(next(data_iter), mesh)
             t0 = time.perf_counter()
-            train_fn = train_fn.lower(state, first).compile()
+            frozen = optimizer.frozen_bn_groups(config, step, steps_per_epoch)
+            train_fns[frozen] = train_fn_at(step).lower(state, first).compile()
             compile_s = time.perf_counter() - t0
             say(f"compiled train step in {compile_s:.1f}s")
-            batches = _global_batches(data_iter, mesh, first)
+            batches = global_batches(data_iter, mesh, first)
         for epoch in range(step // steps_per_epoch, num_epochs):
             epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
-            state, step, train_rows, epoch_rates, stopped = _train_epoch(
-                train_fn, state, batches, step=step, epoch=epoch, num_epochs=num_epochs,
+            state, step, train_rows, epoch_rates, stopped = train_epoch(
+                train_fn_at, state, batches, step=step, epoch=epoch, num_epochs=num_epochs,
                 epoch_start=epoch * steps_per_epoch, epoch_end=epoch_end, config=config, logger=logger,
                 save=save, should_save=ckpt.should_save, check_metrics=check_metrics, should_stop=guard.should_stop,
             )
@@ -386,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                        "to resume" if saved is not None else "nothing trained yet, nothing saved"))
                 break
             final = evaluate_split(eval_fn, state, eval_batches(config, info, eval_bs), mesh)
-            record = _report_epoch(say, logger, step, epoch + 1, num_epochs, train_rows, final, time.perf_counter() - t_start)
+            record = report_epoch(say, logger, step, epoch + 1, num_epochs, train_rows, final, time.perf_counter() - t_start)
             epoch_meta = {**meta, "epoch": epoch + 1, "test_top1": final["top1"]}
             save(state, step, epoch_meta, force=True)
             if final["top1"] > best_top1:

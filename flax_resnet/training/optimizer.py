@@ -11,6 +11,10 @@ with a few config fields (see :mod:`flax_resnet.configs.finetune_folder`):
   (and XLA drops their weight gradients).
 * ``freeze_bn_stats``: the backbone's BatchNorms normalise with their running statistics
   in training too and never update them (BatchNorm in eval mode, as ``FrozenBatchNorm``).
+  ``None`` (the default) follows the parameters: a backbone group's BatchNorms are frozen
+  exactly while its parameters are (the whole run under ``freeze_backbone``, until its
+  epoch under ``unfreeze_epochs``), so a linear probe changes nothing but the head;
+  ``True`` freezes every backbone BatchNorm for the whole run, ``False`` none.
 * ``backbone_lr_mult``: the backbone's learning rate is ``learning_rate * backbone_lr_mult``
   (the head uses the schedule's ``learning_rate``).
 * ``unfreeze_epochs``: gradual unfreezing. The backbone starts frozen; the i-th entry is the
@@ -165,6 +169,37 @@ def param_group_optimizer(config, learning_rate_fn: optax.Schedule,
     return optax.multi_transform(transforms, lambda params: param_labels(params, starts))
 
 
+def freeze_bn_setting(config) -> bool | None:
+    """``config.freeze_bn_stats`` as True, False or None ("follow the parameters"; also when absent)."""
+    value = config.get("freeze_bn_stats", None)
+    if isinstance(value, str):  # an override of a None field arrives as text
+        value = {"true": True, "false": False, "none": None}.get(value.strip().lower(), value)
+    return value if value is None else bool(value)
+
+
+def frozen_bn_groups(config, step: int, steps_per_epoch: int | None = None) -> frozenset[str]:
+    """The backbone groups whose BatchNorms run on (and keep) their running statistics at ``step``.
+
+    Under the default (``freeze_bn_stats`` None) these are the groups whose parameters are
+    frozen at ``step``; True: every backbone group; False: none.
+    """
+    setting = freeze_bn_setting(config)
+    if setting is False or (setting is None and not (config.get("freeze_backbone", False)
+                                                      or tuple(config.get("unfreeze_epochs", ()) or ()))):
+        return frozenset()
+    groups = backbone_groups(config)
+    if setting:
+        return frozenset(groups)
+    starts = group_starts(config, groups, steps_per_epoch)
+    return frozenset(g for g, start in starts.items() if start is None or step < start)
+
+
+def bn_frozen_predicate(config, frozen: frozenset[str]):
+    """``top-level attribute name -> bool``: whether a BatchNorm under it belongs to a group in ``frozen``."""
+    groups = backbone_groups(config) if frozen else []
+    return lambda key: group_of((key,), groups) in frozen
+
+
 def describe(config, steps_per_epoch: int | None = None) -> str:
     """One line for the run header: which groups train, from when, at what learning-rate factor."""
     groups = backbone_groups(config)
@@ -174,7 +209,9 @@ def describe(config, steps_per_epoch: int | None = None) -> str:
     for g in groups:
         s = starts[g]
         parts.append(f"{g} frozen" if s is None else (f"{g} lr x{mult:g}" + (f" from step {s}" if s else "")))
-    bn = "; backbone BatchNorm statistics frozen" if config.get("freeze_bn_stats", False) else ""
+    setting = freeze_bn_setting(config)
+    bn = ("; backbone BatchNorm statistics frozen" if setting else "; BatchNorm statistics frozen with their group"
+          if setting is None and frozen_bn_groups(config, 0, steps_per_epoch) else "")
     return f"fine-tuning: head lr x1, {', '.join(parts)}{bn}"
 
 

@@ -11,7 +11,7 @@ An NNX model is split once, at creation, into
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -20,6 +20,7 @@ import optax
 from flax import nnx, traverse_util
 
 from flax_resnet import cpu, models, parallel, pretrained
+from flax_resnet.training import optimizer
 from flax_resnet.errors import UserError
 
 PyTree = Any
@@ -102,16 +103,21 @@ def create_model(config, num_classes: int, in_channels: int, *, seed: int | None
     )
 
 
-def split_model(model: nnx.Module, *, freeze_bn_stats: bool = False) -> tuple[ModelGraph, PyTree, PyTree]:
+def split_model(model: nnx.Module, *, freeze_bn_stats: bool = False,
+                frozen_bn: Callable[[str], bool] | None = None) -> tuple[ModelGraph, PyTree, PyTree]:
     """Splits a model into ``(ModelGraph, params, batch_stats)`` with pure-dict states.
 
     With ``freeze_bn_stats`` the train graph's backbone BatchNorms (all but the head's)
-    normalise with, and never update, their running statistics (fine-tuning).
+    normalise with, and never update, their running statistics (fine-tuning). ``frozen_bn``
+    chooses them instead: a predicate on a BatchNorm's top-level attribute name (``layer3``,
+    ``bn1``), as :func:`flax_resnet.training.optimizer.bn_frozen_predicate` builds it.
     """
-    train_view = nnx.view(model, use_running_average=False, raise_if_not_found=False)
     if freeze_bn_stats:
+        frozen_bn = lambda key: key != HEAD  # noqa: E731
+    train_view = nnx.view(model, use_running_average=False, raise_if_not_found=False)
+    if frozen_bn is not None:
         for path, module in nnx.iter_modules(train_view):
-            if isinstance(module, nnx.BatchNorm) and path[:1] != (HEAD,):
+            if isinstance(module, nnx.BatchNorm) and path and frozen_bn(str(path[0])):
                 module.use_running_average = True
     train_graph, params, batch_stats, rest = nnx.split(train_view, nnx.Param, nnx.BatchStat, ...)
     if jax.tree.leaves(rest):
@@ -137,7 +143,8 @@ def init_train_state(
     if load_pretrained and config.get("pretrained"):
         pretrained.load_pretrained(model, config.pretrained,
                                    load_head=bool(config.get("keep_pretrained_head", False)))
-    graph, params, batch_stats = split_model(model, freeze_bn_stats=bool(config.get("freeze_bn_stats", False)))
+    frozen = optimizer.bn_frozen_predicate(config, optimizer.frozen_bn_groups(config, 0))
+    graph, params, batch_stats = split_model(model, frozen_bn=frozen)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -146,6 +153,16 @@ def init_train_state(
         rng=jax.random.PRNGKey(config.seed),
     )
     return state, graph
+
+
+def model_graph(config, num_classes: int, in_channels: int, frozen_bn_groups: frozenset[str]) -> ModelGraph:
+    """The static graph of ``config``'s model with the BatchNorms of ``frozen_bn_groups`` on their
+    running statistics in training: what gradual unfreezing switches to at a group's epoch.
+
+    Built from an abstract model (shapes only), so nothing is initialised or allocated.
+    """
+    model = nnx.eval_shape(lambda: create_model(config, num_classes, in_channels))
+    return split_model(model, frozen_bn=optimizer.bn_frozen_predicate(config, frozen_bn_groups))[0]
 
 
 def create_train_state(

@@ -1,0 +1,104 @@
+"""One epoch of training and its report: the loop's inner part, apart from its set-up.
+
+:func:`train_epoch` runs the jitted steps of one epoch with a progress bar, fetching
+metrics one log interval late so the host never waits on the step it just dispatched;
+:func:`report_epoch` writes and prints the per-epoch evaluation record.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from flax_resnet import parallel
+from flax_resnet.training import logging as run_logging
+
+
+def global_batches(data_iter, mesh, first=None):
+    """Global sharded batches, pulling from ``data_iter`` only on demand (its position stays exact)."""
+    if first is not None:
+        yield first
+    while True:
+        yield parallel.shard_batch(next(data_iter), mesh)
+
+
+def train_epoch(train_fn_at, state, batches, *, step, epoch, num_epochs, epoch_start, epoch_end, config, logger,
+                 save, should_save, check_metrics, should_stop):
+    """Runs the steps ``[step, epoch_end)`` of one epoch with a progress bar.
+
+    Metrics stay on device. At each ``log_every_steps`` boundary their host copies are
+    started (``copy_to_host_async``) and the *previous* interval's, long finished, are
+    fetched, checked (``check_metrics(rows, first_step)`` raises on NaN/inf), logged and shown
+    as the running loss and images/s: the host never waits for the step it has just
+    dispatched, so the device is not left idle while the host logs. Before a periodic
+    checkpoint (``save(state, step)`` on the steps ``should_save`` names), at the epoch's end
+    (saved by the caller) and on a stop, every outstanding interval is fetched and checked
+    first, so no unchecked state is saved. ``should_stop(step)`` is asked before every step.
+    Returns ``(state, step reached, fetched metric rows, images/s per log interval, stopped)``.
+    """
+    log_every = max(int(config.log_every_steps), 1)
+    bar = run_logging.Progress(epoch_end - epoch_start, initial=step - epoch_start,
+                               desc=f"epoch {epoch + 1}/{num_epochs}")
+    pending, rows, rates, meter = [], [], [], run_logging.Throughput()
+    in_flight, in_flight_step = [], step  # the last interval: host copies started, fetched at the next boundary
+
+    def flush(interval, last_step):
+        fetched = jax.device_get(interval)
+        check_metrics(fetched, last_step - len(fetched) + 1)
+        meter.add(config.batch_size * len(fetched))
+        rate = meter.mark()
+        rates.append(rate)
+        rows.extend(fetched)
+        logger.log("train", last_step, {"epoch": epoch + 1, **run_logging.mean_metrics(fetched), "images_per_sec": rate})
+        return {"loss": f"{run_logging.mean_metrics(rows)['loss']:.4f}", "img/s": f"{rate:.0f}"}
+
+    def flush_all():
+        nonlocal pending, in_flight
+        postfix = flush(in_flight, in_flight_step) if in_flight else {}
+        postfix = flush(pending, step) if pending else postfix
+        pending, in_flight = [], []
+        return postfix
+
+    def rotate():
+        nonlocal pending, in_flight, in_flight_step
+        postfix = flush(in_flight, in_flight_step) if in_flight else {}
+        for metrics in pending:
+            for value in metrics.values():
+                value.copy_to_host_async()
+        pending, in_flight, in_flight_step = [], pending, step
+        return postfix
+
+    stopped = False
+    try:
+        while step < epoch_end:
+            if should_stop(step):
+                stopped = True
+                break
+            state, metrics = train_fn_at(step)(state, next(batches))
+            step += 1
+            pending.append(metrics)
+            save_now = step != epoch_end and should_save(step)
+            if step == epoch_end or save_now:
+                postfix = flush_all()
+            else:
+                postfix = rotate() if step % log_every == 0 else {}
+            bar.update(1, **postfix)
+            if save_now:
+                save(state, step)
+        flush_all()  # stopped between two log intervals
+    finally:
+        bar.close()  # before any error message is printed
+    return state, step, rows, rates, stopped
+
+
+def report_epoch(say, logger, step, epoch, num_epochs, train_rows, ev, elapsed):
+    """The per-epoch ``eval`` record in metrics.jsonl/TensorBoard and the printed line."""
+    train = run_logging.mean_metrics(train_rows)
+    record = {"epoch": epoch, "train_loss": train.get("loss"), "train_top1": train.get("top1"),
+              "test_loss": ev["loss"], "test_top1": ev["top1"], "test_count": ev["count"], "elapsed_s": elapsed}
+    if "top5" in ev:
+        record["test_top5"] = ev["top5"]
+    logger.log("eval", step, record)
+    say(f"epoch {epoch}/{num_epochs}  step {step}  train loss {train.get('loss', float('nan')):.4f}  "
+        f"test loss {ev['loss']:.4f}  test top-1 {100 * ev['top1']:.2f}%"
+        + (f"  top-5 {100 * ev['top5']:.2f}%" if "top5" in ev else "") + f"  ({ev['count']} images)")
+    return record
