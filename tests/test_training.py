@@ -203,6 +203,62 @@ def test_weight_decay_applies_to_kernels_only():
         chex.assert_trees_all_close(leaf, 1.0)
 
 
+# --------------------------------------------------------------------------- optimisers and clipping
+def _opt_params():
+    rs = np.random.RandomState(1)
+    return {"conv": {"kernel": rs.randn(3, 3, 2, 4)}, "bn": {"scale": rs.rand(4) + 0.5, "bias": rs.randn(4)},
+            "fc": {"kernel": rs.randn(4, 3), "bias": rs.randn(3)}}
+
+
+def _one_step(config, params, grads, lr=0.1):
+    """One update of ``create_optimizer(config)`` (float32), as numpy float64 arrays."""
+    params32, grads32 = (jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t) for t in (params, grads))
+    tx = create_optimizer(config, optax.constant_schedule(lr))
+    updates, _ = tx.update(grads32, tx.init(params32), params32)
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), optax.apply_updates(params32, updates))
+
+
+@pytest.mark.parametrize("name, clip", [("sgd", 0.0), ("sgd", 1.5), ("adamw", 0.0), ("adamw", 1.5), ("lamb", 0.0),
+                                        ("lamb", 1.5)])
+def test_one_step_of_each_optimizer_matches_its_formula(name, clip):
+    """First update from a fresh state, in numpy: decay only on kernels; SGD's decay is L2 on
+    the gradient, AdamW's and LAMB's decoupled; LAMB scales each array by ||w|| / ||update||;
+    clipping scales the gradient to global norm <= clip before anything else."""
+    lr, wd, mu, eps = 0.1, 0.05, 0.9, 1e-8
+    params = _opt_params()
+    grads = jax.tree.map(lambda p: np.random.RandomState(p.size).randn(*p.shape), params)
+    config = tiny_config(optimizer=name, weight_decay=wd, momentum=mu, nesterov=True, grad_clip_norm=clip,
+                         adam_eps=eps)
+    got = _one_step(config, params, grads, lr)
+
+    norm = np.sqrt(sum(np.sum(g * g) for g in jax.tree.leaves(grads)))
+    assert norm > 1.5  # so clipping is active when asked for
+    scale = min(1.0, clip / norm) if clip else 1.0
+    decay = {"conv": {"kernel": 1.0}, "bn": {"scale": 0.0, "bias": 0.0}, "fc": {"kernel": 1.0, "bias": 0.0}}
+    want = {}
+    for mod in params:
+        want[mod] = {}
+        for k, w in params[mod].items():
+            g, d = grads[mod][k] * scale, decay[mod][k] * wd * w
+            if name == "sgd":  # Nesterov's first step: (1 + mu) * (g + wd w)
+                u = (1 + mu) * (g + d)
+            else:  # Adam's first bias-corrected step is g / (|g| + eps)
+                u = g / (np.abs(g) + eps) + d
+                if name == "lamb":
+                    u = u * np.linalg.norm(w) / np.linalg.norm(u)
+            want[mod][k] = w - lr * u
+    chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
+
+
+def test_optimizer_and_clip_are_validated():
+    with pytest.raises(UserError, match="--config.optimizer='adam': must be one of sgd, adamw, lamb"):
+        load_config(None, ["--config.optimizer=adam"])
+    with pytest.raises(UserError, match="grad_clip_norm"):
+        load_config(None, ["--config.grad_clip_norm=-1.0"])
+    with pytest.raises(UserError, match="adam_b2"):
+        load_config(None, ["--config.adam_b2=1.0"])
+
+
 # --------------------------------------------------------------------------- schedules
 def test_paper_step_schedule():
     lr = schedules.step_schedule(0.1, (32_000, 48_000))

@@ -10,7 +10,10 @@ Fields:
   learning_rate, linear_scaling (lr = learning_rate * batch_size / 256), schedule
     ('step' | 'cosine' | 'constant'), warmup_epochs / warmup_steps,
     lr_boundaries_steps / lr_boundaries_epochs and lr_decay_factor ('step' only).
-  momentum, nesterov, weight_decay (conv/linear kernels only), label_smoothing.
+  optimizer ('sgd' | 'adamw' | 'lamb'); momentum, nesterov (SGD); adam_b1, adam_b2,
+    adam_eps (AdamW, LAMB); weight_decay (conv/linear kernels only: L2 added to the
+    gradient for SGD, decoupled for AdamW/LAMB); grad_clip_norm (> 0: clip the gradient's
+    global L2 norm to this; 0: off); label_smoothing.
   half_precision: bfloat16 compute, float32 params, BatchNorm statistics and loss.
   augment, num_workers: data augmentation on/off and data-loader worker processes.
   augment_flip: horizontal flips in that augmentation (where the dataset gets them;
@@ -73,9 +76,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.lr_boundaries_epochs = ()
     c.lr_decay_factor = 0.1
 
+    c.optimizer = "sgd"
     c.momentum = 0.9
     c.nesterov = False
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.999
+    c.adam_eps = 1e-8
     c.weight_decay = 1e-4
+    c.grad_clip_norm = 0.0
     c.label_smoothing = 0.0
     c.half_precision = False
     c.cpu_fast_path = True

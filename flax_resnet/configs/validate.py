@@ -20,6 +20,8 @@ from flax_resnet.models import get_spec
 
 # The learning-rate schedules flax_resnet.training.schedules.create_learning_rate_fn builds.
 SCHEDULES = ("step", "cosine", "constant")
+# The update rules flax_resnet.training.optimizer.create_optimizer builds.
+OPTIMIZERS = ("sgd", "adamw", "lamb")
 BOOL_OR_NONE = ("true", "false", "none")  # a field whose default is None takes overrides as text
 
 
@@ -83,6 +85,14 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if momentum is not None and not 0 <= momentum < 1:
         _fail("momentum", momentum, "must be in [0, 1), e.g. 0.9")
     _at_least(config, "weight_decay", 0, fix="must be at least 0 (0: no weight decay)")
+    _at_least(config, "grad_clip_norm", 0, fix="must be at least 0 (0: no clipping; 1.0 is usual)")
+    for field, default in (("adam_b1", 0.9), ("adam_b2", 0.999)):
+        beta = _number(config, field)
+        if beta is not None and not 0 <= beta < 1:
+            _fail(field, beta, f"must be in [0, 1), e.g. {default}")
+    eps = _number(config, "adam_eps")
+    if eps is not None and eps <= 0:
+        _fail("adam_eps", eps, "must be a positive number, e.g. 1e-8")
     smoothing = _number(config, "label_smoothing")
     if smoothing is not None and not 0 <= smoothing < 1:
         _fail("label_smoothing", smoothing, "must be in [0, 1) (0: none; 0.1 is usual)")
@@ -102,6 +112,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     _at_least(config, "max_to_keep", 1, integer=True, fix="must be at least 1")
     _at_least(config, "backbone_lr_mult", 0, fix="must be at least 0 (0: backbone learns nothing; 1: as the head)")
     _at_least(config, "num_workers", 0, integer=True, fix="must be at least 0 (0: load in this process)")
+    if "optimizer" in config and config.optimizer not in OPTIMIZERS:
+        _fail("optimizer", config.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
     if "schedule" in config and config.schedule not in SCHEDULES:
         _fail("schedule", config.schedule, f"must be one of {', '.join(SCHEDULES)}")
     if "model" in config:

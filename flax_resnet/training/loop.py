@@ -87,7 +87,7 @@ def format_config(config, indent: str = "  ") -> str:
 
 
 # Fields that change the shapes or meaning of the saved state: a resumed run must keep them.
-_RESUME_KEYS = ("model", "model_kwargs", "dataset", "momentum", "nesterov", "seed",
+_RESUME_KEYS = ("model", "model_kwargs", "dataset", "optimizer", "momentum", "nesterov", "seed",
                 # fine-tuning: the optimiser's parameter groups (state structure) and BN mode
                 "freeze_backbone", "freeze_bn_stats", "backbone_lr_mult", "unfreeze_epochs")
 
@@ -96,6 +96,8 @@ def _check_resumable(saved: dict, saved_meta: dict, config, info, workdir) -> No
     """Raises a :class:`UserError` naming every key where ``workdir``'s checkpoint differs from ``config``."""
     now = json.loads(json.dumps(config.to_dict()))  # as saved: tuples become lists
     diff = [(k, saved[k], now.get(k)) for k in _RESUME_KEYS if k in saved and saved[k] != now.get(k)]
+    if bool(saved.get("grad_clip_norm")) != bool(now.get("grad_clip_norm")):  # clipping on/off: state structure
+        diff.append(("grad_clip_norm", saved.get("grad_clip_norm", 0.0), now.get("grad_clip_norm")))
     saved_info = saved_meta.get("dataset_info") or {}
     for key, current in (("num_classes", int(info.num_classes)), ("in_channels", int(info.image_shape[-1]))):
         was = saved_info.get(key) if key == "num_classes" else (saved_info.get("image_shape") or [None])[-1]

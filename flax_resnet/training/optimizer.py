@@ -1,4 +1,19 @@
-"""Optimisers: SGD with kernel-only weight decay, and the parameter groups of fine-tuning.
+"""Optimisers: SGD, AdamW or LAMB with kernel-only weight decay, gradient clipping, and the
+parameter groups of fine-tuning.
+
+``config.optimizer`` names the update rule (all from optax):
+
+* ``sgd`` (default): ``add_decayed_weights -> (Nesterov) momentum -> -lr``; the decay is
+  L2 regularisation added to the gradient (the paper's, PyTorch's ``SGD(weight_decay=)``).
+* ``adamw``: as ``optax.adamw``: Adam, then *decoupled* decay ``wd * w`` added to the update,
+  both scaled by the learning rate (PyTorch's ``AdamW``).
+* ``lamb``: as ``optax.lamb``: AdamW's update rescaled per parameter array by the trust ratio
+  ``||w|| / ||update||`` (You et al. 2020), for very large batches.
+
+Adam's moments use ``adam_b1``, ``adam_b2``, ``adam_eps``. Weight decay (``weight_decay``)
+reaches conv/linear kernels only, never a bias or BatchNorm parameter
+(:func:`weight_decay_mask`). ``grad_clip_norm`` > 0 first scales the gradient so that its
+global L2 norm is at most that (``optax.clip_by_global_norm``), before decay and momentum.
 
 Fine-tuning is ordinary training (:func:`~flax_resnet.training.loop.train_and_evaluate`)
 with a few config fields (see :mod:`flax_resnet.configs.finetune_folder`):
@@ -25,8 +40,8 @@ with a few config fields (see :mod:`flax_resnet.configs.finetune_folder`):
   stay frozen. Until its epoch a group's update, weight decay and momentum are exactly zero.
 
 The optimiser is ``optax.multi_transform`` over these groups; each trainable group is
-``add_decayed_weights -> trace (momentum) -> -lr * mult``, which is ``optax.sgd`` with
-weight decay exactly as :func:`create_optimizer` builds it for one group.
+the update rule's direction (:func:`direction`) followed by ``-lr * mult``, which is
+exactly what :func:`create_optimizer` builds for one group.
 """
 
 from __future__ import annotations
@@ -140,11 +155,26 @@ def start_at(inner: optax.GradientTransformation, start_step: int) -> optax.Grad
     return optax.GradientTransformation(init, update)
 
 
+def direction(config, decay_mask) -> optax.GradientTransformation:
+    """The update rule ``config.optimizer`` names, without the learning rate (see the module docstring)."""
+    name = config.get("optimizer", "sgd")
+    wd = config.weight_decay
+    if name == "sgd":
+        inner = [optax.add_decayed_weights(wd, mask=decay_mask)]
+        if config.momentum:
+            inner.append(optax.trace(decay=config.momentum, nesterov=config.nesterov))
+        return optax.chain(*inner)
+    adam = optax.scale_by_adam(b1=config.get("adam_b1", 0.9), b2=config.get("adam_b2", 0.999),
+                               eps=config.get("adam_eps", 1e-8))
+    if name == "adamw":
+        return optax.chain(adam, optax.add_decayed_weights(wd, mask=decay_mask))
+    if name == "lamb":
+        return optax.chain(adam, optax.add_decayed_weights(wd, mask=decay_mask), optax.scale_by_trust_ratio())
+    raise UserError(f"--config.optimizer={name!r}: must be one of sgd, adamw, lamb")
+
+
 def _group_tx(config, learning_rate_fn, mult: float, start: int, decay_mask) -> optax.GradientTransformation:
-    inner = [optax.add_decayed_weights(config.weight_decay, mask=decay_mask)]
-    if config.momentum:
-        inner.append(optax.trace(decay=config.momentum, nesterov=config.nesterov))
-    tx = optax.chain(*inner)
+    tx = direction(config, decay_mask)
     if start > 0:
         tx = start_at(tx, start)
     lr = learning_rate_fn if mult == 1.0 else (lambda step: mult * learning_rate_fn(step))
@@ -153,7 +183,7 @@ def _group_tx(config, learning_rate_fn, mult: float, start: int, decay_mask) -> 
 
 def param_group_optimizer(config, learning_rate_fn: optax.Schedule,
                           steps_per_epoch: int | None = None) -> optax.GradientTransformation:
-    """The fine-tuning optimiser: SGD per parameter group (see the module docstring).
+    """The fine-tuning optimiser: the update rule per parameter group (see the module docstring).
 
     ``steps_per_epoch`` converts ``unfreeze_epochs`` to steps; it does not change the
     optimiser state's structure (restoring a checkpoint may leave it out).
@@ -228,17 +258,24 @@ def weight_decay_mask(params: PyTree) -> PyTree:
 
 def create_optimizer(config, learning_rate_fn: optax.Schedule,
                      steps_per_epoch: int | None = None) -> optax.GradientTransformation:
-    """SGD with (Nesterov) momentum and L2 weight decay on kernels only.
+    """The optimiser ``config`` asks for: SGD (default), AdamW or LAMB, decay on kernels only,
+    after gradient clipping when ``grad_clip_norm`` > 0 (see the module docstring).
 
-    ``add_decayed_weights`` before ``sgd`` adds ``wd * w`` to the gradient, i.e. the
+    SGD's ``add_decayed_weights`` before ``sgd`` adds ``wd * w`` to the gradient, i.e. the
     paper's L2 regularisation ``wd/2 * ||w||^2`` (as PyTorch's ``SGD(weight_decay=...)``).
     Fine-tuning options (frozen backbone, backbone learning-rate factor, gradual
-    unfreezing, which needs ``steps_per_epoch``) use per-group SGD instead:
+    unfreezing, which needs ``steps_per_epoch``) use per-group transforms instead:
     :func:`param_group_optimizer`.
     """
+    name = config.get("optimizer", "sgd")
     if uses_param_groups(config):
-        return param_group_optimizer(config, learning_rate_fn, steps_per_epoch)
-    return optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
-        optax.sgd(learning_rate_fn, momentum=config.momentum or None, nesterov=config.nesterov),
-    )
+        tx = param_group_optimizer(config, learning_rate_fn, steps_per_epoch)
+    elif name == "sgd":
+        tx = optax.chain(
+            optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
+            optax.sgd(learning_rate_fn, momentum=config.momentum or None, nesterov=config.nesterov),
+        )
+    else:
+        tx = optax.chain(direction(config, weight_decay_mask), optax.scale_by_learning_rate(learning_rate_fn))
+    clip = float(config.get("grad_clip_norm", 0.0) or 0.0)
+    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
