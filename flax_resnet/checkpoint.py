@@ -32,6 +32,14 @@ Fault tolerance (:meth:`Checkpointer.resume`):
   deleted) with a warning naming each, so later saves at the same step can proceed.
   If checkpoints exist but none is readable, nothing is renamed and a
   :class:`~flax_resnet.errors.UserError` lists them.
+* Only damage (a missing commit marker or item, an unparsable or truncated file) sets a
+  checkpoint aside. A read error that may pass (permission denied, a file that vanished,
+  out of memory, an unavailable file system) stops with a :class:`CheckpointReadError` and
+  renames nothing: the same checkpoint may read fine once the cause is fixed.
+* A save that fails for lack of space (``ENOSPC``, in Orbax's background thread) surfaces at
+  the next save or wait as one :class:`DiskFullError` naming the directory, the space the
+  checkpoint needs and what is free; the checkpoints already on disk stay as they are, and
+  Orbax's own reports of it (logged tracebacks from its threads) are not repeated.
 
 Preemption (SIGTERM/SIGINT -> save and stop) is :mod:`flax_resnet.training.preemption`'s.
 """
@@ -40,8 +48,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -66,6 +76,70 @@ log = logging.getLogger(__name__)
 
 class UnreadableCheckpointError(UserError):
     """A checkpoint exists but cannot be restored (damaged, or saved by an incompatible model)."""
+
+
+class CheckpointReadError(UserError):
+    """Reading a checkpoint failed for a reason that may pass (permissions, memory, a vanished file)."""
+
+
+class DiskFullError(UserError):
+    """A checkpoint could not be written: no space left on the device."""
+
+
+# Read errors that say nothing about the checkpoint itself: the same files may read fine later.
+_PASSING_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOMEM, errno.EIO, errno.EAGAIN, errno.EINTR,
+                   errno.ETIMEDOUT, errno.ESTALE, errno.EMFILE, errno.ENFILE, errno.EBUSY}
+# The same in TensorStore's statuses (Orbax re-raises them as ValueError with the status in the text).
+_PASSING_WORDS = ("PERMISSION_DENIED", "Permission denied", "NOT_FOUND", "No such file", "UNAVAILABLE",
+                  "DEADLINE_EXCEEDED", "Out of memory", "Cannot allocate memory")
+_FULL_WORDS = ("No space left on device", "os_error_code='28'")
+_METADATA_BYTES = 256 * 1024  # JSON items, Orbax's metadata and OCDBT manifests beside the arrays
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes on the file system holding ``path`` (its nearest existing ancestor), or None."""
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def passing_read_error(e: BaseException) -> str | None:
+    """The cause, when ``e`` (raised while reading a checkpoint) may pass rather than mean damage."""
+    for x in _chain(e):
+        if isinstance(x, MemoryError):
+            return "out of memory"
+        if isinstance(x, OSError) and x.errno in _PASSING_ERRNOS:
+            return f"{x.strerror or type(x).__name__}" + (f": {x.filename}" if x.filename else "")
+        if any(word in str(x) for word in _PASSING_WORDS):
+            return _first_line(x)
+    return None
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return any((isinstance(x, OSError) and x.errno == errno.ENOSPC) or any(w in str(x) for w in _FULL_WORDS)
+               for x in _chain(e))
+
+
+class _DropDiskFullReports(logging.Filter):
+    """Orbax logs a save's ENOSPC from each of its threads; :class:`DiskFullError` says it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            return not is_disk_full(record.exc_info[1])
+        return not any(w in text for w in _FULL_WORDS)
 
 
 @contextlib.contextmanager
@@ -124,8 +198,15 @@ def structural_problem(step_dir: str | Path, *, best: bool = False) -> str | Non
         try:
             json.loads(path.read_text())
         except (OSError, ValueError) as e:
+            if passing_read_error(e):
+                raise CheckpointReadError(_read_error_message(step_dir, e)) from e
             return f"{path.relative_to(step_dir)} is unreadable ({_first_line(e, 80)})"
     return None
+
+
+def _read_error_message(step_dir: Path, e: BaseException) -> str:
+    return (f"could not read checkpoint {step_dir} ({passing_read_error(e)}); nothing was changed: fix the cause "
+            f"(permissions, memory, the file system) and rerun")
 
 
 @dataclasses.dataclass
@@ -166,6 +247,10 @@ class Checkpointer:
             self._latest = ocp.CheckpointManager(self.workdir / LATEST_DIR, options=latest_opts, item_names=ITEMS)
             self._best = ocp.CheckpointManager(self.workdir / BEST_DIR, options=best_opts, item_names=ITEMS)
         self._best_value = self._read_best_metric()
+        self._saving: dict[str, int] = {}  # manager -> bytes of the state it is writing
+        self._disk_full: DiskFullError | None = None
+        self._log_filter = _DropDiskFullReports()
+        logging.getLogger("absl").addFilter(self._log_filter)
 
     # ------------------------------------------------------------------ queries
     def latest_step(self) -> int | None:
@@ -229,7 +314,8 @@ class Checkpointer:
             return False
         if not force and not self.should_save(step):
             return False
-        return self._latest.save(step, args=self._args(state, data_state, config, meta), force=True)
+        with self._space_checked(LATEST_DIR, state):
+            return self._latest.save(step, args=self._args(state, data_state, config, meta), force=True)
 
     def save_best(self, step: int, state, data_state: dict | None, config: dict, meta: dict | None,
                   test_top1: float) -> bool:
@@ -237,12 +323,47 @@ class Checkpointer:
         best = self.best_metric()
         if (best is not None and test_top1 <= best) or step in self._best.all_steps():
             return False
-        started = self._best.save(
-            step, args=self._args(state, data_state, config, meta), metrics={BEST_METRIC: float(test_top1)}, force=True
-        )
+        with self._space_checked(BEST_DIR, state):
+            started = self._best.save(step, args=self._args(state, data_state, config, meta),
+                                      metrics={BEST_METRIC: float(test_top1)}, force=True)
         if started:
             self._best_value = float(test_top1)
         return started
+
+    @contextlib.contextmanager
+    def _space_checked(self, kind: str | None, state=None):
+        """Raises one :class:`DiskFullError` for a save that cannot fit or failed for lack of space.
+
+        Before a save of ``state`` into ``kind`` (a directory name) starts, the free space must
+        hold it and any save still in flight: a save that runs out of space fails in Orbax's
+        threads, which report it noisily while the run goes on. A failure there anyway (the
+        disk filled meanwhile) is raised here by Orbax at the next save or wait.
+        """
+        if self._disk_full is not None:
+            raise self._disk_full
+        if kind is not None and state is not None:
+            size = sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, "nbytes")) + _METADATA_BYTES
+            in_flight = sum(n for k, n in self._saving.items() if self._manager(k).is_saving_in_progress())
+            free = _free_bytes(self.workdir)
+            if free is not None and free < size + in_flight:
+                self._disk_full = self._full_error(size + in_flight, free)
+                raise self._disk_full
+        try:
+            yield
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            self._disk_full = self._full_error(max(self._saving.values(), default=0), _free_bytes(self.workdir) or 0)
+            raise self._disk_full from e
+        if kind is not None and state is not None:
+            self._saving["latest" if kind == LATEST_DIR else "best"] = size
+
+    def _full_error(self, need: int, free: int) -> DiskFullError:
+        good = self._latest.latest_step()
+        return DiskFullError(
+            f"no space left for a checkpoint in {self.workdir}: it needs about {need / 2**20:.1f} MiB and "
+            f"{free / 2**20:.1f} MiB are free; free some space (or move the run to a larger disk) and rerun the same "
+            "command to resume" + (f" from step {good}, the last complete checkpoint" if good is not None else ""))
 
     # ------------------------------------------------------------------ restoring
     def restore_config(self, which: Which = "latest", step: int | None = None) -> tuple[int, dict, dict]:
@@ -252,6 +373,8 @@ class Checkpointer:
             out = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                              meta=ocp.args.JsonRestore()))
         except Exception as e:
+            if passing_read_error(e):
+                raise CheckpointReadError(_read_error_message(mngr.directory / str(step), e)) from e
             raise UnreadableCheckpointError(
                 f"checkpoint {mngr.directory / str(step)} has an unreadable config ({_first_line(e)}); "
                 f"use another checkpoint (--checkpoint best/latest) or retrain"
@@ -281,6 +404,8 @@ class Checkpointer:
                 ),
             )
         except Exception as e:
+            if passing_read_error(e):
+                raise CheckpointReadError(_read_error_message(mngr.directory / str(step), e)) from e
             raise UnreadableCheckpointError(
                 f"cannot restore checkpoint {mngr.directory / str(step)}: it is damaged or was saved by "
                 f"an incompatible model ({_first_line(e)}); use a checkpoint of this model, or retrain"
@@ -374,13 +499,21 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ lifecycle
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self._latest.wait_until_finished()
-        self._best.wait_until_finished()
+        """Blocks until pending asynchronous saves are on disk (:class:`DiskFullError` if one could not be)."""
+        with self._space_checked(None):
+            self._latest.wait_until_finished()
+            self._best.wait_until_finished()
 
     def close(self) -> None:
-        self._latest.close()
-        self._best.close()
+        try:
+            for mngr in (self._latest, self._best):
+                try:
+                    mngr.close()
+                except Exception as e:  # a full disk was reported already (or is reported by the caller's wait)
+                    if not is_disk_full(e):
+                        raise
+        finally:
+            logging.getLogger("absl").removeFilter(self._log_filter)
 
     def __enter__(self):
         return self

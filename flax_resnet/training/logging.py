@@ -16,6 +16,7 @@ Only process 0 writes or prints; on other processes every method is a no-op.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
@@ -76,12 +77,23 @@ class RunLogger:
             self._tb.add_text(tag, text, 0)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        """Flushes and closes both files. A full disk here is not reported again: the checkpoint
+        that needed the space has said so in one line already (or will, as the run stops)."""
+        try:
+            if self._file is not None:
+                self._file, f = None, self._file
+                f.close()
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+        finally:
+            if self._tb is not None:
+                self._tb, tb = None, self._tb
+                try:
+                    tb.close()
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
 
     def __enter__(self):
         return self

@@ -1,0 +1,123 @@
+"""flax_resnet/checkpoint.py: damage versus read errors that may pass, and a full disk.
+
+(Exact resume, damaged checkpoints set aside and preemption, end to end, are test_checkpointing.py's.)
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from flax_resnet import checkpoint
+from flax_resnet.checkpoint import Checkpointer, CheckpointReadError, DiskFullError
+from helpers import run_cli, saved_steps, snapshot, train_argv
+
+
+def _tiny(tmp_path, steps=(2, 4)):
+    state = {"w": jnp.arange(4.0)}
+    with Checkpointer(tmp_path, async_save=False) as ck:
+        for s in steps:
+            ck.save(s, state, {}, {"model": "x"}, force=True)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+@pytest.mark.parametrize("error", [
+    PermissionError(errno.EACCES, "Permission denied", "state/ocdbt.process_0/d/1a2b"),
+    ValueError('PERMISSION_DENIED: Error reading local file "state/ocdbt.process_0/manifest.ocdbt"'),
+    FileNotFoundError(errno.ENOENT, "No such file or directory", "state/_sharding"),
+    MemoryError(),
+])
+def test_a_read_error_that_may_pass_stops_and_renames_nothing(error, tmp_path, monkeypatch):
+    abstract = _tiny(tmp_path)
+    before = snapshot(tmp_path)
+    ck = Checkpointer(tmp_path)
+    original = ck._latest.restore
+
+    def restore(step, args=None):
+        if "state" in args.keys():  # the arrays; the JSON items read fine
+            raise error
+        return original(step, args=args)
+
+    monkeypatch.setattr(ck._latest, "restore", restore)
+    with pytest.raises(CheckpointReadError, match=r"could not read checkpoint .*checkpoints/4 .*nothing was changed"):
+        ck.resume(abstract)
+    ck.close()
+    assert snapshot(tmp_path) == before  # the good step 2 was not tried in its place, step 4 not set aside
+
+
+def test_damage_is_still_set_aside(tmp_path):
+    abstract = _tiny(tmp_path)
+    (tmp_path / "checkpoints" / "4" / "meta" / "metadata").write_text("{")  # truncated JSON: damage
+    warnings = []
+    with Checkpointer(tmp_path, warn=warnings.append) as ck:
+        assert ck.resume(abstract).step == 2
+    assert (tmp_path / "checkpoints" / "4.corrupt").is_dir() and "meta/metadata is unreadable" in warnings[0]
+
+
+def test_an_unreadable_json_item_is_a_read_error_not_damage(tmp_path, monkeypatch):
+    _tiny(tmp_path)
+    target = tmp_path / "checkpoints" / "4" / "config" / "metadata"
+    read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(
+        PermissionError(errno.EACCES, "Permission denied", str(self))) if self == target else read_text(self, *a, **k))
+    with pytest.raises(CheckpointReadError, match="Permission denied"):
+        checkpoint.structural_problem(tmp_path / "checkpoints" / "4")
+
+
+def test_a_save_failing_for_space_in_the_background_is_one_error(tmp_path, monkeypatch):
+    state = {"w": jnp.arange(4.0)}
+    ck = Checkpointer(tmp_path)
+    ck.save(2, state, {}, {}, force=True)
+    ck.wait()
+
+    def full(*a, **k):
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "checkpoints/4.orbax-checkpoint-tmp/x": '
+                         "Failed to write 24125 bytes to file 23: No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(ck._latest, "save", full)
+    with pytest.raises(DiskFullError, match=r"no space left for a checkpoint in .* resume from step 2, the last"):
+        ck.save(4, state, {}, {}, force=True)
+    with pytest.raises(DiskFullError):  # every later save or wait says the same, once each
+        ck.wait()
+    ck.close()
+    assert saved_steps(tmp_path) == [2]
+
+
+def _small_filesystem(path: Path, size_kib: int) -> bool:
+    """A tmpfs of ``size_kib`` at ``path`` where this process may mount one (root in a container)."""
+    path.mkdir()
+    if shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_disk_stops_training_with_one_line_and_keeps_the_checkpoints(digits_run, digits_data_dir,
+                                                                             tmp_path, monkeypatch):
+    src = digits_run[0]
+    used_kib = sum(max(p.stat().st_blocks * 512, 4096) for p in src.rglob("*")) // 1024  # as tmpfs counts
+    small = tmp_path / "small"
+    mounted = _small_filesystem(small, used_kib + 300)  # the run fits, another checkpoint does not
+    try:
+        if not mounted:  # a stand-in: the file system reports 100 KiB free
+            monkeypatch.setattr(checkpoint, "_free_bytes", lambda path: 100 * 1024)
+        work = small / "run"
+        shutil.copytree(src, work)
+        before = snapshot(work / "checkpoints")
+        rc, out, err = run_cli(train_argv(work, digits_data_dir, "--config.num_epochs=3"))
+        assert rc == 2, err
+        lines = [ln for ln in re.split(r"[\r\n]", err) if ln.strip() and not re.match(r"epoch \d+/\d+:", ln)]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert lines[0].startswith(f"error: no space left for a checkpoint in {work}: it needs about ")
+        assert "rerun the same command to resume from step 44" in lines[0]
+        assert snapshot(work / "checkpoints") == before  # every good checkpoint as it was
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(small)], check=False)
