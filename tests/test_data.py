@@ -382,6 +382,23 @@ def test_an_empty_train_class_is_a_user_error(tmp_path):
     assert not (tmp_path / "tfds").exists()
 
 
+@pytest.mark.parametrize("damaged", ["all", "class b"])
+def test_unreadable_images_only_is_one_line_exit_2(tmp_path, capsys, damaged):
+    root = _folder_with_empty(tmp_path / "imgs", None)
+    for f in (root / "train").rglob("*.png"):
+        if damaged == "all" or f.parent.name == "b":
+            f.write_bytes(b"not an image")
+    assert cli.main(["prepare", f"folder:{root}", "--data_dir", str(tmp_path / "tfds")]) == 2
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in captured.err and "No examples" not in captured.err, captured.err
+    if damaged == "all":
+        assert f"none of the 2 files in {root / 'train'} is a readable image" in lines[0]
+    else:
+        assert f"no readable image in class folder(s) {root / 'train' / 'b'}" in lines[0]
+    assert "skipping" in captured.out  # each damaged file is still named
+
+
 def test_cli_finetune_on_empty_folders_is_one_line_exit_2(tmp_path, capsys):
     root = _folder_with_empty(tmp_path / "imgs", "train")
     weights = tmp_path / "w.safetensors"

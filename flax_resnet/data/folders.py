@@ -180,14 +180,28 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
     def _generate_examples(self, split, files):
         labels = dict(files)
+        readable: set[int] = set()
+        first_error = None
         with concurrent.futures.ThreadPoolExecutor(self._workers) as pool:
             for path, data, error in pool.map(_load_checked, [p for p, _ in files]):
                 rel = os.path.relpath(path, self._layout.root)
                 if data is None:
                     self.skipped.append((path, error))
+                    first_error = first_error or f"{path}: {error}"
                     if self._verbose:
                         print(f"skipping {path}: {error}", flush=True)
                     continue
+                readable.add(labels[path])
                 yield rel, {"image": data, "label": labels[path], "file_name": rel}
+        # Checked here, where the files are decoded (TFDS would stop with "No examples were yielded").
+        split_dir = os.path.join(self._layout.root, split)
+        if not readable:
+            raise UserError(f"none of the {len(files)} files in {split_dir} is a readable image (e.g. "
+                            f"{first_error}): put JPEG/PNG images there")
+        unreadable = [c for i, c in enumerate(self._layout.class_names) if i not in readable
+                      and any(label == i for _, label in files)]
+        if split == "train" and unreadable:
+            raise UserError(f"no readable image in class folder(s) {', '.join(os.path.join(split_dir, c) for c in unreadable)} "
+                            f"(e.g. {first_error}): replace the damaged files, or remove the folder")
         self.info.metadata["source"] = self._layout.root
         self.info.metadata["skipped"] = [{"path": p, "error": e} for p, e in self.skipped]
