@@ -100,6 +100,33 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(straight, straight_fi
     assert evals[-1]["test_loss"] == straight_evals[-1]["test_loss"]
 
 
+def test_ema_is_checkpointed_evaluated_and_resumes_bit_identically(digits_data_dir, tmp_path):
+    """A 12-step run with an EMA of the weights: every eval record carries ``ema_test_top1``,
+    the best checkpoint is picked by it (best_metric), and a run resumed from step 8 ends with
+    the uninterrupted run's state, EMA included, bit for bit."""
+    extra = ("--config.num_train_steps=12", "--config.checkpoint_every_steps=4", "--config.ema_decay=0.9",
+             "--config.best_metric=ema_test_top1", "--config.async_checkpointing=false")
+    straight = tmp_path / "straight"
+    rc, out, err = run_cli(train_argv(straight, digits_data_dir, *extra))
+    assert rc == 0, err[-2000:]
+    assert "EMA top-1" in out and "best EMA" in out
+    evals, _ = eval_rows(straight)
+    assert evals[-1]["ema_test_top1"] != evals[-1]["test_top1"] or evals[-1]["ema_test_loss"] != evals[-1]["test_loss"]
+    with Checkpointer(straight, read_only=True) as ck:
+        assert ck.best_metric() == evals[-1]["ema_test_top1"]
+    final = restore_state(straight, 12)
+    assert final.ema is not None
+    assert not np.array_equal(final.ema["params"]["fc"]["kernel"], final.params["fc"]["kernel"])
+
+    resumed = copy_run(straight, tmp_path / "resumed")
+    for kind in ("checkpoints", "checkpoints_best"):
+        shutil.rmtree(resumed / kind / "12")
+    rc, out, err = run_cli(train_argv(resumed, digits_data_dir, *extra))
+    assert rc == 0 and "at step 8" in out, err[-2000:]
+    chex.assert_trees_all_equal(restore_state(resumed, 12), final)
+    assert eval_rows(resumed)[0][-1]["ema_test_top1"] == evals[-1]["ema_test_top1"]
+
+
 def _truncate_largest(dirpath):
     files = sorted((p for p in dirpath.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     files[-1].write_bytes(files[-1].read_bytes()[: files[-1].stat().st_size // 2])

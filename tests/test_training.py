@@ -126,6 +126,37 @@ def test_top5_only_with_more_than_5_classes():
         assert float(e["count"]) == 4
 
 
+class StatsGraph(LinearGraph):
+    """LinearGraph with a BatchNorm-like running statistic: ``m <- 0.9 m + 0.1 mean(x)`` in training."""
+
+    def apply(self, params, batch_stats, x, *, train):
+        logits, _ = super().apply(params, batch_stats, x, train=train)
+        return logits, ({"m": 0.9 * batch_stats["m"] + 0.1 * x.mean(axis=0).reshape(-1)} if train else batch_stats)
+
+
+def test_ema_of_params_and_stats_follows_the_recurrence():
+    """Three steps with ema_decay d: ema_k = d * ema_(k-1) + (1 - d) * w_k, from ema_0 = w_0,
+    for the params and the running statistics alike (numpy, float64)."""
+    from flax_resnet.training.state import TrainState
+
+    d, rs = 0.7, np.random.RandomState(0)
+    params = {"w": jnp.asarray(rs.randn(4, 3), jnp.float32)}
+    stats = {"m": jnp.asarray(rs.randn(4), jnp.float32)}
+    tx = optax.sgd(0.5, momentum=0.9)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(0), ema={"params": params, "batch_stats": stats})
+    want = jax.tree.map(lambda x: np.asarray(x, np.float64), state.ema)
+    step = jax.jit(lambda st, b: steps.train_step(st, b, graph=StatsGraph(), tx=tx, ema_decay=d, num_classes=3,
+                                                  learning_rate_fn=optax.constant_schedule(0.5)))
+    for i in range(3):
+        batch = {"image": jnp.asarray(rs.randn(8, 2, 2, 1), jnp.float32), "label": jnp.asarray(rs.randint(0, 3, 8))}
+        state, _ = step(state, batch)
+        new = {"params": state.params, "batch_stats": state.batch_stats}
+        want = jax.tree.map(lambda e, w: d * e + (1 - d) * np.asarray(w, np.float64), want, new)
+        assert not np.allclose(want["params"]["w"], np.asarray(state.params["w"]))  # the EMA trails the weights
+        chex.assert_trees_all_close(state.ema, want, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- padded evaluation
 def test_padded_eval_counts_every_example_once(runs):
     """A 37-example split in batches of 16: the last batch has 5 real rows and 11 padded ones."""

@@ -15,6 +15,11 @@ Fields:
     gradient for SGD, decoupled for AdamW/LAMB); grad_clip_norm (> 0: clip the gradient's
     global L2 norm to this; 0: off); label_smoothing.
   half_precision: bfloat16 compute, float32 params, BatchNorm statistics and loss.
+  ema_decay: > 0 keeps an exponential moving average of the params and BatchNorm
+    statistics (``ema = decay * ema + (1 - decay) * new`` after every update, starting
+    from the initial weights), checkpointed and evaluated each epoch beside the weights
+    (``ema_test_top1``); 0: off. best_metric: which test top-1 picks the best checkpoint,
+    'test_top1' (the weights) or 'ema_test_top1'.
   augment, num_workers: data augmentation on/off and data-loader worker processes.
   augment_flip: horizontal flips in that augmentation (where the dataset gets them;
     never on digits); False keeps the random crops, for recipes that do not flip.
@@ -86,6 +91,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.grad_clip_norm = 0.0
     c.label_smoothing = 0.0
     c.half_precision = False
+    c.ema_decay = 0.0
+    c.best_metric = "test_top1"
     c.cpu_fast_path = True
 
     c.log_every_steps = 50

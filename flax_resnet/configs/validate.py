@@ -22,6 +22,8 @@ from flax_resnet.models import get_spec
 SCHEDULES = ("step", "cosine", "constant")
 # The update rules flax_resnet.training.optimizer.create_optimizer builds.
 OPTIMIZERS = ("sgd", "adamw", "lamb")
+# The test metrics that may pick the best checkpoint.
+BEST_METRICS = ("test_top1", "ema_test_top1")
 BOOL_OR_NONE = ("true", "false", "none")  # a field whose default is None takes overrides as text
 
 
@@ -112,6 +114,14 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     _at_least(config, "max_to_keep", 1, integer=True, fix="must be at least 1")
     _at_least(config, "backbone_lr_mult", 0, fix="must be at least 0 (0: backbone learns nothing; 1: as the head)")
     _at_least(config, "num_workers", 0, integer=True, fix="must be at least 0 (0: load in this process)")
+    ema = _number(config, "ema_decay")
+    if ema is not None and not 0 <= ema < 1:
+        _fail("ema_decay", ema, "must be in [0, 1) (0: no EMA; 0.999 or 0.9999 are usual)")
+    if "best_metric" in config:
+        if config.best_metric not in BEST_METRICS:
+            _fail("best_metric", config.best_metric, f"must be one of {', '.join(BEST_METRICS)}")
+        if config.best_metric == "ema_test_top1" and not ema:
+            _fail("best_metric", config.best_metric, "needs an EMA: set --config.ema_decay, e.g. 0.999")
     if "optimizer" in config and config.optimizer not in OPTIMIZERS:
         _fail("optimizer", config.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
     if "schedule" in config and config.schedule not in SCHEDULES:

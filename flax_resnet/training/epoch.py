@@ -97,8 +97,11 @@ def report_epoch(say, logger, step, epoch, num_epochs, train_rows, ev, elapsed):
               "test_loss": ev["loss"], "test_top1": ev["top1"], "test_count": ev["count"], "elapsed_s": elapsed}
     if "top5" in ev:
         record["test_top5"] = ev["top5"]
+    if "ema" in ev:  # the weights' exponential moving average, evaluated beside them
+        record.update({"ema_test_loss": ev["ema"]["loss"], "ema_test_top1": ev["ema"]["top1"]})
     logger.log("eval", step, record)
     say(f"epoch {epoch}/{num_epochs}  step {step}  train loss {train.get('loss', float('nan')):.4f}  "
         f"test loss {ev['loss']:.4f}  test top-1 {100 * ev['top1']:.2f}%"
-        + (f"  top-5 {100 * ev['top5']:.2f}%" if "top5" in ev else "") + f"  ({ev['count']} images)")
+        + (f"  top-5 {100 * ev['top5']:.2f}%" if "top5" in ev else "")
+        + (f"  EMA top-1 {100 * ev['ema']['top1']:.2f}%" if "ema" in ev else "") + f"  ({ev['count']} images)")
     return record

@@ -39,7 +39,7 @@ from flax_resnet.training.epoch import global_batches, report_epoch, train_epoch
 from flax_resnet.training.evaluation import eval_batch_size, eval_batches, evaluate_split, image_size, normalize
 from flax_resnet.training.restore import restore_model
 from flax_resnet.training.state import (
-    abstract_train_state, compute_dtype, count_params, create_train_state, model_graph, transfer_weights,
+    abstract_train_state, compute_dtype, count_params, create_train_state, ema_decay, model_graph, transfer_weights,
 )
 
 PrintFn = Callable[..., None]
@@ -62,6 +62,7 @@ class TrainSummary:
     images_per_sec: float
     preempted: bool = False  # stopped early by SIGTERM/SIGINT, after saving a checkpoint at ``steps``
     stop_signal: str = ""
+    final_ema_top1: float = float("nan")  # the weights' EMA (config.ema_decay > 0)
 
 
 def _info_dict(info) -> dict[str, Any]:
@@ -96,8 +97,9 @@ def _check_resumable(saved: dict, saved_meta: dict, config, info, workdir) -> No
     """Raises a :class:`UserError` naming every key where ``workdir``'s checkpoint differs from ``config``."""
     now = json.loads(json.dumps(config.to_dict()))  # as saved: tuples become lists
     diff = [(k, saved[k], now.get(k)) for k in _RESUME_KEYS if k in saved and saved[k] != now.get(k)]
-    if bool(saved.get("grad_clip_norm")) != bool(now.get("grad_clip_norm")):  # clipping on/off: state structure
-        diff.append(("grad_clip_norm", saved.get("grad_clip_norm", 0.0), now.get("grad_clip_norm")))
+    for key in ("grad_clip_norm", "ema_decay"):  # on/off changes the state's structure; the value may change
+        if bool(saved.get(key)) != bool(now.get(key)):
+            diff.append((key, saved.get(key, 0.0), now.get(key)))
     saved_info = saved_meta.get("dataset_info") or {}
     for key, current in (("num_classes", int(info.num_classes)), ("in_channels", int(info.image_shape[-1]))):
         was = saved_info.get(key) if key == "num_classes" else (saved_info.get("image_shape") or [None])[-1]
@@ -151,8 +153,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         differ. Without it, any difference in weight names/shapes is a :class:`UserError`.
       on_epoch_end: called on every process as ``on_epoch_end(epoch, metrics)`` after each
         epoch's evaluation and checkpoint (``epoch`` counts from 1; ``metrics`` is the epoch's
-        ``eval`` record in metrics.jsonl (``test_top1``, ``test_loss``, ``train_loss``, ...) plus
-        ``step`` and ``best_top1``). An exception it raises
+        ``eval`` record in metrics.jsonl (``test_top1``, ``test_loss``, ``train_loss``, with an EMA
+        ``ema_test_top1`` and ``ema_test_loss``, ...) plus ``step`` and ``best_top1`` (by
+        ``config.best_metric``). An exception it raises
         (a hyperparameter search pruning the run, say) ends training there, that epoch saved.
 
     Returns:
@@ -240,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 g = graphs.get(frozen) or model_graph(config, num_classes, in_channels, frozen)
                 train_fns[frozen] = steps.jit_train_step(
                     mesh, graph=g, tx=tx, learning_rate_fn=lr_fn, num_classes=num_classes,
-                    label_smoothing=config.label_smoothing, compute_dtype=dtype)
+                    label_smoothing=config.label_smoothing, compute_dtype=dtype, ema_decay=ema_decay(config))
             return train_fns[frozen]
         eval_fn = steps.jit_eval_step(mesh, graph=graph, num_classes=num_classes, compute_dtype=dtype)
         state_is_finite = jax.jit(steps.all_finite)
@@ -278,6 +281,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             ckpt.save(n, st, position, config_dict, save_meta, force=force)
 
         best_top1, best_epoch = ckpt.best_metric() or 0.0, 0
+        by_ema = config.get("best_metric", "test_top1") == "ema_test_top1"
+        score = lambda ev: ev["ema"]["top1"] if by_ema else ev["top1"]  # noqa: E731  (what picks the best checkpoint)
+
+        def evaluate(st) -> dict:
+            """Test metrics of ``st``'s weights, with its EMA's under ``"ema"`` when it has one."""
+            ev = evaluate_split(eval_fn, st, eval_batches(config, info, eval_bs), mesh)
+            if st.ema is not None:
+                ev["ema"] = evaluate_split(eval_fn, st.ema_weights(), eval_batches(config, info, eval_bs), mesh)
+            return ev
+
         final: dict[str, float] = {}
         compile_s, rates = 0.0, []
         batches = None
@@ -307,33 +320,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                     + (f"checkpoint saved in {ckpt.workdir / 'checkpoints' / str(saved)}; rerun the same command "
                        "to resume" if saved is not None else "nothing trained yet, nothing saved"))
                 break
-            final = evaluate_split(eval_fn, state, eval_batches(config, info, eval_bs), mesh)
+            final = evaluate(state)
             record = report_epoch(say, logger, step, epoch + 1, num_epochs, train_rows, final, time.perf_counter() - t_start)
-            epoch_meta = {**meta, "epoch": epoch + 1, "test_top1": final["top1"]}
+            epoch_meta = {**meta, "epoch": epoch + 1, "test_top1": final["top1"],
+                          **({"ema_test_top1": final["ema"]["top1"]} if "ema" in final else {})}
             save(state, step, epoch_meta, force=True)
-            if final["top1"] > best_top1:
-                best_top1, best_epoch = final["top1"], epoch + 1
-                ckpt.save_best(step, state, data_position(), config_dict, epoch_meta, final["top1"])
+            if score(final) > best_top1:
+                best_top1, best_epoch = score(final), epoch + 1
+                ckpt.save_best(step, state, data_position(), config_dict, epoch_meta, score(final))
             if on_epoch_end is not None:
                 ckpt.wait()
                 on_epoch_end(epoch + 1, {**record, "step": step, "best_top1": best_top1})
         if not final and not stopped:  # nothing left to train (a finished run): just report
-            final = evaluate_split(eval_fn, state, eval_batches(config, info, eval_bs), mesh)
+            final = evaluate(state)
         ckpt.wait()
     run_logging.plot_curves(workdir, title=f"{config.model} on {info.name}")
     wall = time.perf_counter() - t_start
     ips = float(np.median(rates[1:] if len(rates) > 1 else rates)) if rates else 0.0
-    final = final or {"top1": float("nan"), "loss": float("nan")}
+    final = final or {"top1": float("nan"), "loss": float("nan"), **({"ema": {"top1": float("nan")}} if by_ema else {})}
     if not stopped:
         timing = (f"{step - start_step} steps in {wall:.1f}s (compile {compile_s:.1f}s, ~{ips:.0f} images/s)"
                   if step > start_step else f"training was already complete at step {step}")
-        say(f"final test top-1 {100 * final['top1']:.2f}% (loss {final['loss']:.4f}); "
-            f"best {100 * max(best_top1, final['top1']):.2f}%"
+        say(f"final test top-1 {100 * final['top1']:.2f}% (loss {final['loss']:.4f}"
+            + (f"; EMA {100 * final['ema']['top1']:.2f}%" if "ema" in final else "") + "); "
+            + f"best {'EMA ' if by_ema else ''}{100 * max(best_top1, score(final)):.2f}%"
             + (f" at epoch {best_epoch}" if best_epoch else "") + f"; {timing}")
     return TrainSummary(
         workdir=str(workdir), steps=step, epochs=num_epochs, final_top1=final["top1"], final_loss=final["loss"],
-        best_top1=max(best_top1, final["top1"]) if not stopped else best_top1, best_epoch=best_epoch,
+        best_top1=max(best_top1, score(final)) if not stopped else best_top1, best_epoch=best_epoch,
         compile_s=compile_s, wall_s=wall, images_per_sec=ips, preempted=stopped, stop_signal=guard.signal_name,
+        final_ema_top1=final["ema"]["top1"] if "ema" in final else float("nan"),
     )
 
 
@@ -343,4 +359,6 @@ def _init_weights_from(source: str | Path, state, mesh, *, new_head: bool):
     what = f"the checkpoint in {source} ({src.config.model})"
     params = transfer_weights(state.params, src.state.params, new_head=new_head, what=what)
     stats = transfer_weights(state.batch_stats, src.state.batch_stats, new_head=new_head, what=what)
-    return state.replace(params=parallel.replicate(params, mesh), batch_stats=parallel.replicate(stats, mesh))
+    params, stats = parallel.replicate(params, mesh), parallel.replicate(stats, mesh)
+    ema = None if state.ema is None else parallel.replicate({"params": params, "batch_stats": stats}, mesh)
+    return state.replace(params=params, batch_stats=stats, ema=ema)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -27,9 +26,9 @@ PyTree = Any
 HEAD = "fc"  # the classifier's attribute (torchvision's name)
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainState:
-    """Everything that changes during training, as arrays.
+    """Everything that changes during training, as arrays (a pytree; ``replace`` returns a copy).
 
     Attributes:
       step: number of optimiser updates done (int32 scalar).
@@ -37,6 +36,9 @@ class TrainState:
       batch_stats: ``nnx.BatchStat`` values (BatchNorm running ``mean``/``var``).
       opt_state: the optax state.
       rng: base PRNG key (raw ``uint32[2]``); per-step keys are ``fold_in(rng, step)``.
+      ema: with ``config.ema_decay`` > 0, ``{"params": ..., "batch_stats": ...}``: exponential
+        moving averages of both, updated by every train step; else None, and then absent from
+        the pytree, so states and checkpoints without an EMA keep the structure they always had.
     """
 
     step: jax.Array
@@ -44,6 +46,34 @@ class TrainState:
     batch_stats: PyTree
     opt_state: optax.OptState
     rng: jax.Array
+    ema: PyTree = None
+
+    def replace(self, **changes) -> "TrainState":
+        return dataclasses.replace(self, **changes)
+
+    def ema_weights(self) -> "TrainState":
+        """This state with the EMA's params and BatchNorm statistics as its weights (to evaluate them)."""
+        return self.replace(params=self.ema["params"], batch_stats=self.ema["batch_stats"])
+
+
+_STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "rng")
+
+
+def _state_fields(state: TrainState) -> tuple[str, ...]:
+    return _STATE_FIELDS + (("ema",) if state.ema is not None else ())
+
+
+jax.tree_util.register_pytree_with_keys(
+    TrainState,
+    lambda s: ([(jax.tree_util.GetAttrKey(k), getattr(s, k)) for k in _state_fields(s)], s.ema is not None),
+    lambda has_ema, children: TrainState(*children) if has_ema else TrainState(*children, ema=None),
+    lambda s: ([getattr(s, k) for k in _state_fields(s)], s.ema is not None),
+)
+
+
+def ema_decay(config) -> float:
+    """``config.ema_decay`` (0, the default: no EMA)."""
+    return float(config.get("ema_decay", 0.0) or 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,12 +175,14 @@ def init_train_state(
                                    load_head=bool(config.get("keep_pretrained_head", False)))
     frozen = optimizer.bn_frozen_predicate(config, optimizer.frozen_bn_groups(config, 0))
     graph, params, batch_stats = split_model(model, frozen_bn=frozen)
+    copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # noqa: E731  (own buffers: donated)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=batch_stats,
         opt_state=tx.init(params),
         rng=jax.random.PRNGKey(config.seed),
+        ema={"params": copy(params), "batch_stats": copy(batch_stats)} if ema_decay(config) > 0 else None,
     )
     return state, graph
 

@@ -53,8 +53,11 @@ def train_step(
     num_classes: int,
     label_smoothing: float = 0.0,
     compute_dtype: Any = jnp.float32,
+    ema_decay: float = 0.0,
 ) -> tuple[TrainState, Metrics]:
-    """One SGD update on a (global) batch. Returns the new state and scalar metrics.
+    """One optimiser update on a (global) batch. Returns the new state and scalar metrics.
+
+    With ``state.ema`` set, it moves toward the new params and statistics (:func:`update_ema`).
 
     Metrics: ``loss`` (mean cross-entropy, with smoothing if set), ``top1`` (and ``top5``
     when ``num_classes > 5``) accuracies on the batch, ``lr`` used for this update and
@@ -81,9 +84,22 @@ def train_step(
     if num_classes > 5:
         metrics["top5"] = topk_correct(logits, labels, 5).mean()
     new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
+        step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state,
+        ema=update_ema(state.ema, params, new_stats, ema_decay),
     )
     return new_state, metrics
+
+
+def update_ema(ema, params, batch_stats, decay: float):
+    """``decay * ema + (1 - decay) * new`` for the params and BatchNorm statistics (None: no EMA).
+
+    ``optax.incremental_update`` with step size ``1 - decay``; the EMA starts from the initial
+    weights (so it trails them by about ``1 / (1 - decay)`` steps).
+    """
+    if ema is None:
+        return None
+    new = {"params": params, "batch_stats": batch_stats}
+    return optax.incremental_update(new, ema, step_size=1.0 - decay)
 
 
 def eval_step(
@@ -140,11 +156,13 @@ def jit_train_step(
     num_classes: int,
     label_smoothing: float = 0.0,
     compute_dtype: Any = jnp.float32,
+    ema_decay: float = 0.0,
 ):
     """``train_step`` jitted with the state donated, replicated, and the batch sharded on ``'data'``."""
     fn = functools.partial(
         train_step, graph=graph, tx=tx, learning_rate_fn=learning_rate_fn,
         num_classes=num_classes, label_smoothing=label_smoothing, compute_dtype=compute_dtype,
+        ema_decay=ema_decay,
     )
     rep, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
     return _jit(fn, mesh, graph, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
