@@ -233,7 +233,8 @@ def _add_benchmark(sub):
                     "its repeats interleaved with ours and reports the ratio. JSON goes to stdout "
                     "(and --output), a summary to stderr.")
     p.add_argument("--model", default="resnet20", help="a registered model (default resnet20)")
-    p.add_argument("--batch", type=int, default=128, help="global batch size (default 128)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="global batch size (default 128; with --inference the throughput batch, default 64)")
     p.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
                    help="square input side (default: the model's)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -257,6 +258,11 @@ def _add_benchmark(sub):
                    help="instead: images/s through the real training loop (digits data, logging) vs the bare step")
     p.add_argument("--loop-train-images", type=int, default=0, metavar="N",
                    help="--loop on a synthetic cifar10 of N training images instead of digits")
+    p.add_argument("--inference", action="store_true",
+                   help="instead: batch-1 latency (median, p99) and batch-64 throughput of our eval step, the ONNX "
+                        "export in onnxruntime and PyTorch eager, interleaved")
+    p.add_argument("--latency-calls", type=int, default=200, metavar="N",
+                   help="--inference: timed batch-1 calls per engine (default 200)")
     p.add_argument("--output", default=None, metavar="FILE", help="also write the JSON here")
     p.set_defaults(func=_cmd_benchmark)
 
@@ -267,13 +273,20 @@ def _cmd_benchmark(args):
     from flax_resnet import benchmark
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    if args.loop:
-        result = benchmark.loop_overhead(model=args.model, batch=args.batch, steps=args.steps * args.repeats,
+    batch = (64 if args.inference else 128) if args.batch is None else args.batch
+    if args.inference:
+        result = benchmark.run_inference_benchmark(
+            args.model, image_size=args.image_size, batch=batch, latency_calls=args.latency_calls,
+            steps=args.steps, repeats=args.repeats, in_channels=args.in_channels, num_classes=args.num_classes,
+            cpu_fast_path=args.cpu_fast_path, log=log)
+        log(benchmark.format_inference_summary(result))
+    elif args.loop:
+        result = benchmark.loop_overhead(model=args.model, batch=batch, steps=args.steps * args.repeats,
                                          synthetic_train_images=args.loop_train_images, log=log)
         log(benchmark.format_loop_summary(result))
     else:
         cfg = benchmark.BenchmarkConfig(
-            model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype, steps=args.steps,
+            model=args.model, batch=batch, image_size=args.image_size, dtype=args.dtype, steps=args.steps,
             repeats=args.repeats, warmup=args.warmup, eval=args.eval, compare_torch=args.compare_torch,
             torch_compile=args.torch_compile, in_channels=args.in_channels, num_classes=args.num_classes,
             cpu_fast_path=args.cpu_fast_path, compare_plain=args.compare_plain,
