@@ -271,6 +271,33 @@ def test_flip_and_normalisation_switches_keep_the_stream_and_the_defaults(tmp_pa
     chex.assert_trees_all_equal(data.preprocess_for_eval(images[3], info), ev["image"][3])
 
 
+def test_uint8_batches_normalised_in_the_step_equal_the_host_normalised(tmp_path):
+    """The trainer takes uint8 batches (``uint8=True``) and normalises them inside the jitted
+    step (``steps.prepare_images``): same examples, same pixels, and to float32 rounding the
+    same values as the float32 batches normalised on the host, with and without
+    normalisation, for training and (padded) evaluation batches."""
+    import jax
+
+    from flax_resnet.training import steps
+
+    d = str(tmp_path)
+    synthetic.write_synthetic("cifar10", d, {"train": 40, "test": 12})
+    for norm in (True, False):
+        info = data.get_dataset_info("cifar10", d, normalize=norm)
+        prepare = jax.jit(lambda x: steps.prepare_images(x, mean=info.mean, std=info.std))  # noqa: B023
+        kw = dict(batch_size=16, seed=3, data_dir=d, with_index=True, normalize=norm)
+        host, dev = data.train_iterator("cifar10", **kw), data.train_iterator("cifar10", uint8=True, **kw)
+        evals = [list(data.eval_batches("cifar10", batch_size=8, data_dir=d, normalize=norm, uint8=u))
+                 for u in (False, True)]
+        for want, got in [*zip(_take(host, 2), _take(dev, 2)), *zip(*evals)]:
+            assert got["image"].dtype == np.uint8 and want["image"].dtype == np.float32
+            chex.assert_trees_all_equal({k: v for k, v in got.items() if k != "image"},
+                                        {k: v for k, v in want.items() if k != "image"})
+            real = got.get("mask", np.ones(len(got["label"]), np.float32)) > 0  # padding: zeros either way
+            chex.assert_trees_all_close(np.asarray(prepare(got["image"]))[real], want["image"][real],
+                                        rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- image folders
 def _png(array):
     buf = io.BytesIO()

@@ -35,13 +35,18 @@ def as_uint8_hwc(image: Any, channels: int) -> np.ndarray:
     return a
 
 
+def normalize_constants(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``(scale, bias)`` with ``(x/255 - mean) / std == x * scale + bias``: the host's
+    :func:`normalize` and the train/eval steps (which normalise uint8 batches on the device) share them."""
+    std = np.asarray(std, np.float32)
+    return (1.0 / (255.0 * std)).astype(np.float32), (-np.asarray(mean, np.float32) / std).astype(np.float32)
+
+
 def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """uint8 [..., C] -> float32 ``(x/255 - mean) / std``; empty ``mean``: exactly ``x/255``."""
     if not len(mean):
         return np.divide(images, np.float32(255), dtype=np.float32)
-    std = np.asarray(std, np.float32)
-    scale = 1.0 / (255.0 * std)
-    bias = -np.asarray(mean, np.float32) / std
+    scale, bias = normalize_constants(mean, std)
     out = np.empty(images.shape, np.float32)
     np.multiply(images, scale, out=out)
     out += bias

@@ -24,6 +24,10 @@ any number of Grain workers. Each process opens the whole split (records are rea
 index, which array_record serves at random); fixed-size splits up to
 ``IN_MEMORY_LIMIT_BYTES`` are decoded once and kept in RAM by every process.
 
+Images come out normalised float32, or with ``uint8=True`` as the augmented uint8 pixels
+(what the trainer uses: its jitted steps normalise them on the device, with the same
+constants, :func:`flax_resnet.data.augment.normalize_constants`).
+
 Augmentation (:mod:`flax_resnet.data.augment`) runs in numpy (vectorised per batch)
 or PIL (per image) inside the Grain map function:
 
@@ -133,8 +137,9 @@ def shard_bounds(n: int, process_index: int, process_count: int) -> tuple[int, i
 class TrainBatch:
     """Grain map function: global step ``k`` -> this process's slice of global training batch ``k``."""
 
-    def __init__(self, reader, recipe, *, seed, batch_size, steps_per_epoch, process_index, process_count, augment, with_index):
-        self.reader, self.recipe = reader, recipe
+    def __init__(self, reader, recipe, *, seed, batch_size, steps_per_epoch, process_index, process_count, augment,
+                 with_index, uint8=False):
+        self.reader, self.recipe, self.uint8 = reader, recipe, uint8
         self.seed, self.batch_size, self.steps_per_epoch = seed, batch_size, steps_per_epoch
         self.process_index, self.process_count = process_index, process_count
         self.global_batch_size = batch_size * process_count
@@ -183,7 +188,8 @@ class TrainBatch:
             images = np.stack(out)
         else:
             images = np.stack([crop_resize(im, center_crop_box, size, r.channels) for im in images])
-        batch = {"image": normalize(images, r.mean, r.std), "label": labels}
+        batch = {"image": np.ascontiguousarray(images) if self.uint8 else normalize(images, r.mean, r.std),
+                 "label": labels}
         if self.with_index:
             batch["index"] = idx.astype(np.int64)
         return batch
@@ -192,20 +198,21 @@ class TrainBatch:
 class EvalBatch:
     """Grain map function: batch ``j`` of this process's eval shard, padded, with a mask."""
 
-    def __init__(self, reader, recipe, batch_size, with_index):
+    def __init__(self, reader, recipe, batch_size, with_index, uint8=False):
         self.reader, self.recipe, self.batch_size, self.with_index = reader, recipe, batch_size, with_index
+        self.uint8 = uint8
 
     def __call__(self, j: int) -> dict[str, np.ndarray]:
         r, b = self.recipe, self.batch_size
         idx = np.arange(self.reader.lo + j * b, min(self.reader.lo + (j + 1) * b, self.reader.hi))
-        image = np.zeros((b, *r.out_shape), np.float32)
+        image = np.zeros((b, *r.out_shape), np.uint8 if self.uint8 else np.float32)
         label = np.zeros((b,), np.int32)
         mask = np.zeros((b,), np.float32)
         if len(idx):
             images, labels = self.reader.read(idx)
             if not r.fixed_size:
                 images = np.stack([crop_resize(im, center_crop_box, r.out_shape[0], r.channels) for im in images])
-            image[: len(idx)] = normalize(images, r.mean, r.std)
+            image[: len(idx)] = images if self.uint8 else normalize(images, r.mean, r.std)
             label[: len(idx)] = labels
             mask[: len(idx)] = 1.0
         batch = {"image": image, "label": label, "mask": mask}

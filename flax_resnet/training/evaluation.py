@@ -41,11 +41,12 @@ def evaluate_split(eval_fn, state, batches, mesh) -> dict[str, float]:
     return steps.summarize_eval(jax.device_get(sums))
 
 
-def eval_batches(config, info, batch_size, split=None):
-    """This process's eval batches of ``split`` (default: the config's, else the dataset's test split)."""
+def eval_batches(config, info, batch_size, split=None, *, uint8: bool = False):
+    """This process's eval batches of ``split`` (default: the config's, else the dataset's test split);
+    ``uint8``: images as pixels, for a step that normalises them (``jit_eval_step(image_mean=...)``)."""
     return data.eval_batches(
         config.dataset, batch_size=parallel.per_process_batch_size(batch_size), data_dir=config.data_dir,
         process_index=jax.process_index(), process_count=jax.process_count(),
         split=split or config.get("eval_split") or None, image_size=image_size(config),
-        normalize=normalize(config),
+        normalize=normalize(config), uint8=uint8,
     )

@@ -189,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             config.dataset, batch_size=parallel.per_process_batch_size(config.batch_size), seed=config.seed,
             data_dir=config.data_dir, process_index=jax.process_index(), process_count=jax.process_count(),
             augment=config.augment, num_workers=config.num_workers, image_size=image_size(config),
-            flip=bool(config.get("augment_flip", True)), normalize=normalize(config),
+            flip=bool(config.get("augment_flip", True)), normalize=normalize(config), uint8=True,
         )
         stack.callback(data_iter.close)
         data_position = data_iter.get_state
@@ -243,9 +243,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 g = graphs.get(frozen) or model_graph(config, num_classes, in_channels, frozen)
                 train_fns[frozen] = steps.jit_train_step(
                     mesh, graph=g, tx=tx, learning_rate_fn=lr_fn, num_classes=num_classes,
-                    label_smoothing=config.label_smoothing, compute_dtype=dtype, ema_decay=ema_decay(config))
+                    label_smoothing=config.label_smoothing, compute_dtype=dtype, ema_decay=ema_decay(config),
+                    image_mean=info.mean, image_std=info.std)
             return train_fns[frozen]
-        eval_fn = steps.jit_eval_step(mesh, graph=graph, num_classes=num_classes, compute_dtype=dtype)
+        eval_fn = steps.jit_eval_step(mesh, graph=graph, num_classes=num_classes, compute_dtype=dtype,
+                                      image_mean=info.mean, image_std=info.std)
         state_is_finite = jax.jit(steps.all_finite)
 
         step = start_step = int(state.step)
@@ -286,9 +288,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
 
         def evaluate(st) -> dict:
             """Test metrics of ``st``'s weights, with its EMA's under ``"ema"`` when it has one."""
-            ev = evaluate_split(eval_fn, st, eval_batches(config, info, eval_bs), mesh)
+            ev = evaluate_split(eval_fn, st, eval_batches(config, info, eval_bs, uint8=True), mesh)
             if st.ema is not None:
-                ev["ema"] = evaluate_split(eval_fn, st.ema_weights(), eval_batches(config, info, eval_bs), mesh)
+                ev["ema"] = evaluate_split(eval_fn, st.ema_weights(), eval_batches(config, info, eval_bs, uint8=True),
+                                           mesh)
             return ev
 
         final: dict[str, float] = {}

@@ -5,6 +5,10 @@ dict. :func:`jit_train_step` / :func:`jit_eval_step` bind the static parts (mode
 optimiser, schedule) and jit them with explicit shardings: state replicated, batch
 sharded on ``'data'``. Under GSPMD the loss mean, the gradients and BatchNorm's batch
 statistics are all over the *global* batch.
+
+Batches may arrive as uint8 (what the trainer's data iterators send: a quarter of float32's
+host work and transfer); :func:`prepare_images` normalises them inside the step, with the
+host normaliser's float32 constants.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from flax_resnet import cpu, parallel
+from flax_resnet.data.augment import normalize_constants
 from flax_resnet.training.state import ModelGraph, TrainState
 
 Batch = dict[str, jax.Array]
@@ -43,6 +48,24 @@ def topk_correct(logits, labels, k: int):
     return jnp.any(idx == labels[:, None], axis=-1).astype(jnp.float32)
 
 
+def prepare_images(images, dtype: Any = jnp.float32, mean: tuple = (), std: tuple = ()):
+    """A batch's images as the model's input in ``dtype``.
+
+    uint8 images are normalised here, inside the jitted step, exactly as
+    :func:`flax_resnet.data.augment.normalize` does on the host (float32 ``x * scale + bias``;
+    empty ``mean``: ``x / 255``); float images arrive normalised and are only cast.
+    """
+    if images.dtype != jnp.uint8:
+        return images.astype(dtype)
+    x = images.astype(jnp.float32)
+    if len(mean):
+        scale, bias = normalize_constants(mean, std)
+        x = x * scale + bias
+    else:
+        x = x / jnp.float32(255)
+    return x.astype(dtype)
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -54,16 +77,19 @@ def train_step(
     label_smoothing: float = 0.0,
     compute_dtype: Any = jnp.float32,
     ema_decay: float = 0.0,
+    image_mean: tuple = (),
+    image_std: tuple = (),
 ) -> tuple[TrainState, Metrics]:
     """One optimiser update on a (global) batch. Returns the new state and scalar metrics.
 
     With ``state.ema`` set, it moves toward the new params and statistics (:func:`update_ema`).
+    ``image_mean``/``image_std``: how uint8 images are normalised (:func:`prepare_images`).
 
     Metrics: ``loss`` (mean cross-entropy, with smoothing if set), ``top1`` (and ``top5``
     when ``num_classes > 5``) accuracies on the batch, ``lr`` used for this update and
     ``grad_norm`` (global L2 norm of the loss gradient, before weight decay).
     """
-    images = batch["image"].astype(compute_dtype)
+    images = prepare_images(batch["image"], compute_dtype, image_mean, image_std)
     labels = batch["label"]
 
     def loss_fn(params):
@@ -109,8 +135,11 @@ def eval_step(
     graph: ModelGraph,
     num_classes: int,
     compute_dtype: Any = jnp.float32,
+    image_mean: tuple = (),
+    image_std: tuple = (),
 ) -> Metrics:
-    """Masked *sums* over a batch (running BatchNorm statistics).
+    """Masked *sums* over a batch (running BatchNorm statistics); uint8 images are normalised
+    with ``image_mean``/``image_std`` (:func:`prepare_images`).
 
     ``batch["mask"]`` (1 for real examples, 0 for padding; all ones if absent) weights
     every example, so a padded final batch counts each real example exactly once.
@@ -118,7 +147,8 @@ def eval_step(
     ``correct5`` (top-5 count, when ``num_classes > 5``) and ``count``.
     """
     logits, _ = graph.apply(
-        state.params, state.batch_stats, batch["image"].astype(compute_dtype), train=False
+        state.params, state.batch_stats, prepare_images(batch["image"], compute_dtype, image_mean, image_std),
+        train=False,
     )
     logits = logits.astype(jnp.float32)
     labels = batch["label"]
@@ -157,20 +187,24 @@ def jit_train_step(
     label_smoothing: float = 0.0,
     compute_dtype: Any = jnp.float32,
     ema_decay: float = 0.0,
+    image_mean: tuple = (),
+    image_std: tuple = (),
 ):
     """``train_step`` jitted with the state donated, replicated, and the batch sharded on ``'data'``."""
     fn = functools.partial(
         train_step, graph=graph, tx=tx, learning_rate_fn=learning_rate_fn,
         num_classes=num_classes, label_smoothing=label_smoothing, compute_dtype=compute_dtype,
-        ema_decay=ema_decay,
+        ema_decay=ema_decay, image_mean=tuple(image_mean), image_std=tuple(image_std),
     )
     rep, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
     return _jit(fn, mesh, graph, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
 
 
-def jit_eval_step(mesh, *, graph: ModelGraph, num_classes: int, compute_dtype: Any = jnp.float32):
+def jit_eval_step(mesh, *, graph: ModelGraph, num_classes: int, compute_dtype: Any = jnp.float32,
+                  image_mean: tuple = (), image_std: tuple = ()):
     """``eval_step`` jitted: state replicated, batch sharded, sums replicated."""
-    fn = functools.partial(eval_step, graph=graph, num_classes=num_classes, compute_dtype=compute_dtype)
+    fn = functools.partial(eval_step, graph=graph, num_classes=num_classes, compute_dtype=compute_dtype,
+                           image_mean=tuple(image_mean), image_std=tuple(image_std))
     rep, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
     return _jit(fn, mesh, graph, in_shardings=(rep, data), out_shardings=rep)
 
