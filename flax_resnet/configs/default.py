@@ -6,6 +6,10 @@ Fields:
   dataset, data_dir, eval_split: dataset name for the data layer, its directory (None:
     the default) and the split evaluated each epoch (None: the dataset's test split).
   batch_size: *global* batch over all devices; eval_batch_size (0: same as batch_size).
+  grad_accum_steps: > 1 splits each global batch into that many micro-batches inside the
+    train step and averages their gradients (one update per global batch, a k-th of the
+    activation memory); BatchNorm normalises each micro-batch with its own statistics and
+    updates its running statistics once per micro-batch. 1: off.
   num_epochs, or num_train_steps (> 0 wins): training length.
   learning_rate, linear_scaling (lr = learning_rate * batch_size / 256), schedule
     ('step' | 'cosine' | 'constant'), warmup_epochs / warmup_steps,
@@ -69,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.batch_size = 128
     c.eval_batch_size = 0
+    c.grad_accum_steps = 1
     c.num_epochs = 10
     c.num_train_steps = -1
 

@@ -78,6 +78,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if lr is not None and lr <= 0:
         _fail("learning_rate", lr, "must be a positive number, e.g. 0.1")
     _at_least(config, "batch_size", 1, integer=True, fix="must be a positive integer (the global batch)")
+    accum = _at_least(config, "grad_accum_steps", 1, integer=True, fix="must be at least 1 (1: no accumulation)")
+    batch = config.get("batch_size")
+    if accum and isinstance(batch, int) and batch % accum:
+        _fail("grad_accum_steps", accum, f"must divide --config.batch_size={batch} (the global batch)")
     _at_least(config, "eval_batch_size", 0, integer=True,
               fix="must be a positive integer (or 0: the same as --config.batch_size)")
     size = _number(config, "image_size", integer=True)

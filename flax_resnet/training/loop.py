@@ -181,6 +181,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                                  normalize=normalize(config))
     mesh = parallel.create_mesh() if mesh is None else mesh
     parallel.check_batch_size(config.batch_size, mesh)
+    accum = int(config.get("grad_accum_steps", 1) or 1)
+    if accum > 1 and (config.batch_size // accum) % parallel.num_data_shards(mesh):
+        raise UserError(f"--config.grad_accum_steps={accum}: micro-batches of {config.batch_size // accum} do not split "
+                        f"over {parallel.num_data_shards(mesh)} devices; make batch_size a multiple of "
+                        f"{accum * parallel.num_data_shards(mesh)}")
     eval_bs = eval_batch_size(config, mesh)
     _check_workdir(workdir)
     log_every = max(int(config.log_every_steps), 1)
@@ -244,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 train_fns[frozen] = steps.jit_train_step(
                     mesh, graph=g, tx=tx, learning_rate_fn=lr_fn, num_classes=num_classes,
                     label_smoothing=config.label_smoothing, compute_dtype=dtype, ema_decay=ema_decay(config),
-                    image_mean=info.mean, image_std=info.std)
+                    grad_accum_steps=accum, image_mean=info.mean, image_std=info.std)
             return train_fns[frozen]
         eval_fn = steps.jit_eval_step(mesh, graph=graph, num_classes=num_classes, compute_dtype=dtype,
                                       image_mean=info.mean, image_std=info.std)

@@ -8,7 +8,12 @@ statistics are all over the *global* batch.
 
 Batches may arrive as uint8 (what the trainer's data iterators send: a quarter of float32's
 host work and transfer); :func:`prepare_images` normalises them inside the step, with the
-host normaliser's float32 constants.
+host normaliser's float32 constants. Gradient accumulation (``grad_accum_steps`` k > 1)
+splits the global batch into k micro-batches inside the step (``lax.scan``) and averages
+their gradients: one optimiser update per global batch, with a k-th of the activations in
+memory. BatchNorm then normalises each micro-batch with its own statistics and updates the
+running statistics once per micro-batch, in order (as PyTorch does when it accumulates), so
+results differ from k = 1 only through BatchNorm's batch statistics.
 """
 
 from __future__ import annotations
@@ -66,6 +71,38 @@ def prepare_images(images, dtype: Any = jnp.float32, mean: tuple = (), std: tupl
     return x.astype(dtype)
 
 
+def micro_batches(x, k: int):
+    """``[B, ...] -> [k, B/k, ...]``, micro-batch ``j`` holding rows ``j, j+k, j+2k, ...``: strided,
+    so every device's shard of the batch gives each micro-batch the same number of rows."""
+    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _loss_and_grads(graph, params, batch_stats, images, labels, num_classes, label_smoothing, grad_accum_steps):
+    """``(loss, logits, new_batch_stats, grads)`` of the batch, over ``grad_accum_steps`` micro-batches."""
+
+    def loss_fn(params, stats, x, y):
+        logits, new_stats = graph.apply(params, stats, x, train=True)
+        logits = logits.astype(jnp.float32)
+        return cross_entropy_loss(logits, y, num_classes, label_smoothing).mean(), (logits, new_stats)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    k = int(grad_accum_steps)
+    if k == 1:
+        (loss, (logits, new_stats)), grads = grad_fn(params, batch_stats, images, labels)
+        return loss, logits, new_stats, grads
+
+    def body(carry, xy):
+        total, stats = carry
+        (loss, (logits, stats)), g = grad_fn(params, stats, *xy)
+        return (jax.tree.map(jnp.add, total, g), stats), (loss, logits)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (total, new_stats), (losses, logits) = jax.lax.scan(
+        body, (zeros, batch_stats), (micro_batches(images, k), micro_batches(labels, k)))
+    logits = logits.swapaxes(0, 1).reshape(images.shape[0], -1)  # back in the batch's row order
+    return losses.mean(), logits, new_stats, jax.tree.map(lambda g: g / k, total)
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -77,13 +114,15 @@ def train_step(
     label_smoothing: float = 0.0,
     compute_dtype: Any = jnp.float32,
     ema_decay: float = 0.0,
+    grad_accum_steps: int = 1,
     image_mean: tuple = (),
     image_std: tuple = (),
 ) -> tuple[TrainState, Metrics]:
     """One optimiser update on a (global) batch. Returns the new state and scalar metrics.
 
     With ``state.ema`` set, it moves toward the new params and statistics (:func:`update_ema`).
-    ``image_mean``/``image_std``: how uint8 images are normalised (:func:`prepare_images`).
+    ``grad_accum_steps`` > 1: gradients averaged over that many micro-batches (module
+    docstring). ``image_mean``/``image_std``: how uint8 images are normalised (:func:`prepare_images`).
 
     Metrics: ``loss`` (mean cross-entropy, with smoothing if set), ``top1`` (and ``top5``
     when ``num_classes > 5``) accuracies on the batch, ``lr`` used for this update and
@@ -91,14 +130,8 @@ def train_step(
     """
     images = prepare_images(batch["image"], compute_dtype, image_mean, image_std)
     labels = batch["label"]
-
-    def loss_fn(params):
-        logits, new_stats = graph.apply(params, state.batch_stats, images, train=True)
-        logits = logits.astype(jnp.float32)
-        loss = cross_entropy_loss(logits, labels, num_classes, label_smoothing).mean()
-        return loss, (logits, new_stats)
-
-    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss, logits, new_stats, grads = _loss_and_grads(graph, state.params, state.batch_stats, images, labels,
+                                                     num_classes, label_smoothing, grad_accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -187,6 +220,7 @@ def jit_train_step(
     label_smoothing: float = 0.0,
     compute_dtype: Any = jnp.float32,
     ema_decay: float = 0.0,
+    grad_accum_steps: int = 1,
     image_mean: tuple = (),
     image_std: tuple = (),
 ):
@@ -194,7 +228,8 @@ def jit_train_step(
     fn = functools.partial(
         train_step, graph=graph, tx=tx, learning_rate_fn=learning_rate_fn,
         num_classes=num_classes, label_smoothing=label_smoothing, compute_dtype=compute_dtype,
-        ema_decay=ema_decay, image_mean=tuple(image_mean), image_std=tuple(image_std),
+        ema_decay=ema_decay, grad_accum_steps=grad_accum_steps, image_mean=tuple(image_mean),
+        image_std=tuple(image_std),
     )
     rep, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
     return _jit(fn, mesh, graph, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
