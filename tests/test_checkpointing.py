@@ -103,12 +103,15 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(straight, straight_fi
 def test_ema_is_checkpointed_evaluated_and_resumes_bit_identically(digits_data_dir, tmp_path):
     """A 12-step run with an EMA of the weights: every eval record carries ``ema_test_top1``,
     the best checkpoint is picked by it (best_metric), and a run resumed from step 8 ends with
-    the uninterrupted run's state, EMA included, bit for bit."""
+    the uninterrupted run's state, EMA included, bit for bit. The same run (to share its
+    cost) writes a profiler trace of steps 2..4 for TensorBoard (``profile_steps``)."""
     extra = ("--config.num_train_steps=12", "--config.checkpoint_every_steps=4", "--config.ema_decay=0.9",
              "--config.best_metric=ema_test_top1", "--config.async_checkpointing=false")
     straight = tmp_path / "straight"
-    rc, out, err = run_cli(train_argv(straight, digits_data_dir, *extra))
+    rc, out, err = run_cli(train_argv(straight, digits_data_dir, *extra, "--config.profile_steps=2,4"))
     assert rc == 0, err[-2000:]
+    traces = list((straight / "profile").glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0, list((straight / "profile").rglob("*"))
     assert "EMA top-1" in out and "best EMA" in out
     evals, _ = eval_rows(straight)
     assert evals[-1]["ema_test_top1"] != evals[-1]["test_top1"] or evals[-1]["ema_test_loss"] != evals[-1]["test_loss"]

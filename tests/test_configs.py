@@ -104,3 +104,14 @@ def test_a_file_named_like_a_recipe_does_not_shadow_it(tmp_path, monkeypatch):
     (tmp_path / "mine").write_text("def get_config(): raise RuntimeError('never')\n")
     with pytest.raises(UserError, match="unknown config 'mine'"):  # no .py, no separator: a name
         get_config("mine")
+
+
+def test_profile_steps_forms():
+    from flax_resnet.configs.validate import parse_profile_steps
+
+    assert parse_profile_steps("") is None and parse_profile_steps("0") is None
+    assert parse_profile_steps("10,15") == (10, 15)
+    assert parse_profile_steps("5", start_step=100) == (101, 106)  # after the (compiling) first step
+    for bad in ("15,10", "a", "1,2,3", "-2"):
+        with pytest.raises(UserError, match="--config.profile_steps"):
+            parse_profile_steps(bad)

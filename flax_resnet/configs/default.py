@@ -44,6 +44,9 @@ Fields:
     (same parameters; False: the plain layers and XLA's default compiler options).
   log_every_steps, checkpoint_every_steps (0: only at epoch ends), max_to_keep,
   async_checkpointing, seed.
+  profile_steps: a jax.profiler trace of some train steps into <workdir>/profile/, for
+    TensorBoard's Profile tab: "FIRST,END" (step numbers) or a count "N" (N steps after
+    the first of the run); "": off.
 """
 
 import ml_collections
@@ -101,6 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.cpu_fast_path = True
 
     c.log_every_steps = 50
+    c.profile_steps = ""
     c.checkpoint_every_steps = 0
     c.max_to_keep = 3
     c.async_checkpointing = True

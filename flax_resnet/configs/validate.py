@@ -61,6 +61,25 @@ def _numbers(config, field: str, fix: str):
             _fail(field, tuple(values), fix)
 
 
+def parse_profile_steps(text, start_step: int = 0) -> tuple[int, int] | None:
+    """``(first, end)`` steps to trace from ``config.profile_steps`` (None: off): ``"A,B"`` -> ``(A, B)``;
+    ``"N"`` -> the N steps after ``start_step + 1`` (see :mod:`flax_resnet.training.profiling`)."""
+    text = str(text or "").strip()
+    if not text or text.lower() in ("0", "none", "off"):
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) == 1 and numbers[0] > 0:
+        return start_step + 1, start_step + 1 + numbers[0]
+    if len(numbers) == 2 and 0 <= numbers[0] < numbers[1]:
+        return numbers[0], numbers[1]
+    raise UserError(f"--config.profile_steps={text!r}: give a step count (e.g. 5) or a range FIRST,END of "
+                    f"step numbers with FIRST < END (e.g. 10,15)")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every numeric and named field of ``config``; returns it unchanged.
 
@@ -126,6 +145,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
             _fail("best_metric", config.best_metric, f"must be one of {', '.join(BEST_METRICS)}")
         if config.best_metric == "ema_test_top1" and not ema:
             _fail("best_metric", config.best_metric, "needs an EMA: set --config.ema_decay, e.g. 0.999")
+    if "profile_steps" in config:
+        parse_profile_steps(config.profile_steps)  # UserError naming the field and the two forms
     if "optimizer" in config and config.optimizer not in OPTIMIZERS:
         _fail("optimizer", config.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
     if "schedule" in config and config.schedule not in SCHEDULES:

@@ -22,7 +22,7 @@ def global_batches(data_iter, mesh, first=None):
 
 
 def train_epoch(train_fn_at, state, batches, *, step, epoch, num_epochs, epoch_start, epoch_end, config, logger,
-                 save, should_save, check_metrics, should_stop):
+                 save, should_save, check_metrics, should_stop, profiler=None):
     """Runs the steps ``[step, epoch_end)`` of one epoch with a progress bar.
 
     Metrics stay on device. At each ``log_every_steps`` boundary their host copies are
@@ -32,7 +32,8 @@ def train_epoch(train_fn_at, state, batches, *, step, epoch, num_epochs, epoch_s
     dispatched, so the device is not left idle while the host logs. Before a periodic
     checkpoint (``save(state, step)`` on the steps ``should_save`` names), at the epoch's end
     (saved by the caller) and on a stop, every outstanding interval is fetched and checked
-    first, so no unchecked state is saved. ``should_stop(step)`` is asked before every step.
+    first, so no unchecked state is saved. ``should_stop(step)`` is asked before every step;
+    ``profiler`` (a :class:`~flax_resnet.training.profiling.StepProfiler`) traces the steps it names.
     Returns ``(state, step reached, fetched metric rows, images/s per log interval, stopped)``.
     """
     log_every = max(int(config.log_every_steps), 1)
@@ -73,7 +74,12 @@ def train_epoch(train_fn_at, state, batches, *, step, epoch, num_epochs, epoch_s
             if should_stop(step):
                 stopped = True
                 break
-            state, metrics = train_fn_at(step)(state, next(batches))
+            if profiler is None:
+                state, metrics = train_fn_at(step)(state, next(batches))
+            else:
+                with profiler.step(step):
+                    state, metrics = train_fn_at(step)(state, next(batches))
+                profiler.after(step + 1, state)
             step += 1
             pending.append(metrics)
             save_now = step != epoch_end and should_save(step)

@@ -36,6 +36,7 @@ from flax_resnet.errors import TrainingDivergedError, UserError
 from flax_resnet.training import logging as run_logging
 from flax_resnet.training import optimizer, schedules, steps
 from flax_resnet.training.epoch import global_batches, report_epoch, train_epoch
+from flax_resnet.training.profiling import StepProfiler
 from flax_resnet.training.evaluation import eval_batch_size, eval_batches, evaluate_split, image_size, normalize
 from flax_resnet.training.restore import restore_model
 from flax_resnet.training.state import (
@@ -261,6 +262,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         if restored is not None:  # later records supersede earlier ones with a larger step
             logger.log("resume", step, {"checkpoint": str(restored.path)})
         guard = stack.enter_context(PreemptionGuard(sync_every=log_every))
+        profiler = StepProfiler(config.get("profile_steps", ""), workdir / "profile", start_step)
+        stack.callback(profiler.close)
 
         def diverged(at: int, what: str) -> TrainingDivergedError:
             last = ckpt.latest_step()
@@ -317,6 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 train_fn_at, state, batches, step=step, epoch=epoch, num_epochs=num_epochs,
                 epoch_start=epoch * steps_per_epoch, epoch_end=epoch_end, config=config, logger=logger,
                 save=save, should_save=ckpt.should_save, check_metrics=check_metrics, should_stop=guard.should_stop,
+                profiler=profiler,
             )
             rates += epoch_rates
             if stopped:
