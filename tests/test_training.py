@@ -393,12 +393,22 @@ def test_unknown_schedule_is_user_error():
 
 
 # --------------------------------------------------------------------------- mixed precision
-def test_bfloat16_compute_keeps_float32_state():
-    config = tiny_config(half_precision=True)
-    _, _, _, state, history = run_steps(config, jax.devices()[:1], make_batches(1))
+@pytest.mark.parametrize("fast", [False, True])
+def test_bfloat16_compute_keeps_float32_state(runs, fast):
+    """half_precision: bfloat16 convolutions and logits, float32 params, BatchNorm statistics
+    and loss, with the plain layers and with the CPU fast path's (whose native kernels serve
+    float32 only: bfloat16 runs XLA's convolutions inside the same formulations). The first
+    step's loss is the float32 run's to bfloat16 accuracy, but not equal to it."""
+    config = tiny_config(half_precision=True, cpu_fast_path=fast)
+    _, graph, _, state, history = run_steps(config, jax.devices()[:1], make_batches(1))
+    assert graph.cpu_fast_path == fast
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.batch_stats))
-    assert history[0]["loss"].dtype == np.float32 and np.isfinite(history[0]["loss"])
+    logits = jax.eval_shape(lambda: graph.apply(state.params, state.batch_stats, jnp.zeros((2, *IMAGE)), train=False)[0])
+    assert logits.dtype == jnp.bfloat16
+    f32_loss = runs[1][4][0]["loss"]  # the same first batch in float32, plain layers
+    assert history[0]["loss"].dtype == np.float32 and history[0]["loss"] != f32_loss
+    chex.assert_trees_all_close(history[0]["loss"], f32_loss, rtol=1e-2)
 
 
 # --------------------------------------------------------------------------- configs

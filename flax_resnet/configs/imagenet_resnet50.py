@@ -4,6 +4,11 @@ Global batch 1024, lr 0.4 (= 0.1 x 1024 / 256, the linear scaling rule), momentu
 Nesterov, weight decay 1e-4 on kernels, 5-epoch linear warm-up then cosine decay,
 100 epochs, bfloat16 compute.
 
+On GPUs and TPUs keep ``half_precision=True`` (the recommended setting there): bfloat16
+convolutions and activations, float32 parameters, BatchNorm statistics and loss. On a CPU,
+``--config.half_precision=false`` runs float32, where the CPU fast path's native kernels apply
+(they are float32-only; in bfloat16 it uses XLA's convolutions).
+
 Prepare: flax-resnet prepare imagenet2012 --data_dir DIR   (manual download, see README)
 Run:     flax-resnet train --config imagenet_resnet50 --workdir runs/imagenet_resnet50 \
            --config.data_dir=DIR
