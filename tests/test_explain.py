@@ -4,7 +4,6 @@ explain`` writes one PNG per image with the top classes."""
 from __future__ import annotations
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

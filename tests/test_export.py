@@ -153,7 +153,8 @@ def test_export_cli_writes_onnx_from_a_run_with_its_classes(digits_run, tmp_path
     (["--format", "onnx", "--out", "{tmp}/readonly/m.onnx", "--workdir", "{run}"], "permission denied"),
     (["--format", "onnx", "--out", "{tmp}", "--workdir", "{run}"], "is a directory"),
     (["--format", "onnx", "--out", "{tmp}/m.onnx"], "either --workdir"),
-], ids=["format", "no-checkpoint", "missing-dir", "read-only-dir", "out-is-dir", "no-source"])
+    (["--format", "onnx", "--out", "{tmp}/m.onnx", "--pretrained", "{tmp}/w.safetensors"], "pass --model"),
+], ids=["format", "no-checkpoint", "missing-dir", "read-only-dir", "out-is-dir", "no-source", "no-model"])
 def test_export_cli_bad_input_is_one_line_and_exit_2(argv, words, digits_run, tmp_path):
     if words == "permission denied" and os.geteuid() == 0:
         pytest.skip("running as root: a read-only directory is writable")
