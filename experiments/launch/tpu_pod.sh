@@ -4,6 +4,7 @@
 #
 #   export TPU_NAME=my-v4-32 ZONE=us-central2-b
 #   experiments/launch/tpu_pod.sh setup                      # copy this checkout to every host, install
+#                                                            # it with its TPU extra: pip install -e '.[tpu]'
 #   experiments/launch/tpu_pod.sh prepare imagenet2012 ...   # `flax-resnet prepare` on every host
 #   experiments/launch/tpu_pod.sh train --config.num_epochs=90
 #   experiments/launch/tpu_pod.sh stop                       # SIGTERM: every host saves, exits with 3
@@ -37,7 +38,7 @@ case "$cmd" in
   setup)
     repo="$(cd "$(dirname "$0")/../.." && pwd)"
     gcloud compute tpus tpu-vm scp --zone "$ZONE" --worker=all --recurse "$repo" "$TPU_NAME:~/$REMOTE_DIR"
-    on_all_hosts "cd ~/$REMOTE_DIR && python3 -m pip install -U 'jax[tpu]' && python3 -m pip install -e ."
+    on_all_hosts "cd ~/$REMOTE_DIR && python3 -m pip install -e '.[tpu]'"
     ;;
   prepare)
     on_all_hosts "cd ~/$REMOTE_DIR && python3 -m flax_resnet.cli prepare$(quoted_args "$@") --data_dir $(printf '%q' "$DATA_DIR")"
