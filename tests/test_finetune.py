@@ -18,6 +18,7 @@ from helpers import restore_state, run_cli
 
 from flax_resnet import data, pretrained
 from flax_resnet.configs import default, get_config
+from flax_resnet.errors import UserError
 from flax_resnet.models import create_model
 from flax_resnet.training import optimizer
 from flax_resnet.training.optimizer import create_optimizer
@@ -309,3 +310,22 @@ def test_freeze_bn_stats_follows_the_parameters_unless_set():
     assert groups(2, unfreeze_epochs=(1, 2)) == {"layer2", "layer1", "stem"}
     assert groups(4, unfreeze_epochs=(1, 2)) == {"layer1", "stem"}
     assert groups(4, unfreeze_epochs=(1, 2), freeze_bn_stats="true") == everything  # an override's text
+
+
+def test_resume_compares_what_freeze_bn_stats_does():
+    """A run saved under the old default (False) resumes under None where both mean the same
+    (no frozen backbone); with a frozen backbone they differ, and the resume is refused."""
+    from flax_resnet.training.loop import _check_resumable
+
+    saved = {**json.loads(json.dumps(_config().to_dict())), "freeze_bn_stats": False}  # as a checkpoint holds it
+    ok = _config()
+    assert ok.freeze_bn_stats is None
+    _check_resumable(saved, {}, ok, _Info(), "w")
+    with pytest.raises(UserError, match="freeze_bn_stats=False"):
+        _check_resumable({**saved, "freeze_backbone": True}, {}, _config(freeze_backbone=True), _Info(), "w")
+    _check_resumable({**saved, "freeze_backbone": True}, {}, _config(freeze_backbone=True, freeze_bn_stats=False),
+                     _Info(), "w")
+
+
+class _Info:
+    num_classes, image_shape = 10, (32, 32, 3)
