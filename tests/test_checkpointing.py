@@ -22,6 +22,7 @@ import pytest
 from flax_resnet import parallel
 from flax_resnet.checkpoint import Checkpointer, structural_problem
 from flax_resnet.training.preemption import PreemptionGuard
+from flax_resnet.training.restore import restore_model
 from flax_resnet.errors import UserError
 from helpers import (DIGITS_TOTAL_STEPS as TOTAL, CliProcess, restore_state, run_cli, saved_steps, snapshot,
                      train_argv)
@@ -120,6 +121,13 @@ def test_ema_is_checkpointed_evaluated_and_resumes_bit_identically(digits_data_d
     final = restore_state(straight, 12)
     assert final.ema is not None
     assert not np.array_equal(final.ema["params"]["fc"]["kernel"], final.params["fc"]["kernel"])
+    # the EMA picked the best checkpoint, so inference (evaluate, predict, convert) restores the EMA
+    best = restore_model(straight, "best", mesh=parallel.create_mesh(jax.devices()[:1]))
+    assert best.ema and best.step == 12
+    chex.assert_trees_all_equal(jax.device_get((best.state.params, best.state.batch_stats)),
+                                (final.ema["params"], final.ema["batch_stats"]))
+    raw = restore_model(straight, "best", mesh=parallel.create_mesh(jax.devices()[:1]), ema=False)
+    chex.assert_trees_all_equal(jax.device_get(raw.state.params), final.params)
 
     resumed = copy_run(straight, tmp_path / "resumed")
     for kind in ("checkpoints", "checkpoints_best"):

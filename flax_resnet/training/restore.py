@@ -32,18 +32,25 @@ class RestoredModel:
     dataset_info: dict[str, Any]
     step: int
     mesh: Any
+    ema: bool = False  # ``state`` holds the run's EMA of the weights as its params and statistics
 
     @property
     def compute_dtype(self):
         return compute_dtype(self.config)
 
 
-def restore_model(workdir: str | Path, which: str = "best", *, mesh=None) -> RestoredModel:
+def restore_model(workdir: str | Path, which: str = "best", *, mesh=None, ema: bool | None = None) -> RestoredModel:
     """Loads the newest (``which="latest"``) or best checkpoint of a run onto ``mesh`` (default: all devices).
 
+    ``ema``: whether the model's weights are the run's exponential moving average
+    (``config.ema_decay``) rather than the raw weights. None (default): the EMA when the run
+    picked its best checkpoint by it (``best_metric='ema_test_top1'``), so evaluate, predict,
+    convert and export use the weights that won.
+
     Raises:
-      UserError: no checkpoint; :class:`~flax_resnet.checkpoint.UnreadableCheckpointError`
-        when it is damaged or does not fit the model its config names.
+      UserError: no checkpoint, or ``ema=True`` for a run without an EMA;
+        :class:`~flax_resnet.checkpoint.UnreadableCheckpointError` when it is damaged or does
+        not fit the model its config names.
     """
     if not Path(workdir).is_dir():
         raise UserError(f"run directory {workdir} does not exist; pass the --workdir given to `flax-resnet train`")
@@ -57,7 +64,14 @@ def restore_model(workdir: str | Path, which: str = "best", *, mesh=None) -> Res
         mesh = parallel.create_mesh() if mesh is None else mesh
         abstract, graph = abstract_train_state(config, num_classes, in_channels, tx, mesh)
         state, _, _, _ = ckpt.restore(abstract, which, step=step)
-    return RestoredModel(state, graph, config, info, step, mesh)
+    if ema is None:
+        ema = state.ema is not None and config.get("best_metric", "test_top1") == "ema_test_top1"
+    if ema and state.ema is None:
+        raise UserError(f"the run in {workdir} keeps no EMA of its weights (it was trained without "
+                        "--config.ema_decay); use its weights")
+    if ema:
+        state = state.ema_weights()
+    return RestoredModel(state, graph, config, info, step, mesh, ema=bool(ema))
 
 
 def evaluate(workdir: str | Path, *, which: str = "best", split: str | None = None,
