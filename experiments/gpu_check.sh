@@ -10,12 +10,16 @@
 # 2. On the device machine, the device tool's run, with the repository copied there:
 #        run(command="bash experiments/gpu_check.sh", carry=["experiments/gpu_wheels"], timeout_s=480)
 #    It uses the image's python3 (CUDA JAX, flax, optax, orbax, chex, torch), installs the
-#    carried wheels with --no-deps into /tmp/gpu_check_site (nothing of the image is replaced)
-#    and puts that and the repository on PYTHONPATH. Results: the JSON files under $OUT.
+#    carried wheels with --no-deps into /tmp/gpu_check_site and puts that and the repository on
+#    PYTHONPATH: the image's site-packages stay as they are (the fallbacks, newer protobuf and
+#    etils, shadow the image's only if needed, in this check's processes). Results: $OUT/*.json.
 # 3. On CPU, no wheels, tiny sizes (2-3 minutes):
 #        experiments/gpu_check.sh --dry-run --out /tmp/gpu_check
 #
-# Other options go to gpu_check.py: --stages tests,resnet50  --budget 340  --peak-tflops 989
+# Other options go to gpu_check.py: --stages tests,resnet50  --budget 350  --peak-tflops 989.
+# A fresh machine takes a minute or two to start and the check about 6 minutes: within 15 minutes
+# of device time that leaves one rerun of a stage, e.g. command="bash experiments/gpu_check.sh
+# --stages resnet50" (same carry); the machine keeps nothing between calls once given back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=experiments/gpu_wheels
