@@ -5,7 +5,7 @@ Same setup as ``cifar10_resnet20``: batch 128, lr 0.1, momentum 0.9, weight deca
 
 Prepare: flax-resnet prepare cifar10
 Run:     flax-resnet train --config cifar10_resnet56 --workdir runs/cifar10_resnet56
-Expect:  ~93.03% test top-1 (paper: 6.97% error).
+Expect:  93.03% test top-1 per the paper (Table 6: 6.97% error); not run here.
 """
 
 from flax_resnet.configs import cifar10_resnet20
