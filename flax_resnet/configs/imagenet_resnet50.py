@@ -12,8 +12,8 @@ convolutions and activations, float32 parameters, BatchNorm statistics and loss.
 Prepare: flax-resnet prepare imagenet2012 --data_dir DIR   (manual download, see README)
 Run:     flax-resnet train --config imagenet_resnet50 --workdir runs/imagenet_resnet50 \
            --config.data_dir=DIR
-Expect:  about 76% top-1 after 90-100 epochs (what Flax's example reports for this
-         setup); not measured here. Roughly a day on 8 modern GPUs.
+Expect:  about 76% top-1 after 90-100 epochs (what Flax's ImageNet example reports for
+         this setup); not run here (no ImageNet, no GPU), so no time or accuracy of ours.
 """
 
 from flax_resnet.configs import default
