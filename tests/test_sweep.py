@@ -143,6 +143,10 @@ def test_cli_bad_space_missing_optuna_and_unreachable_storage_exit_2(tmp_path, m
     line = one_line_error(err)
     assert rc == 2 and "cannot be opened" in line and f"127.0.0.1:{port}" in line and "secret" not in line
 
+    rc, _, err = run_cli(["sweep", "--space", str(space), "--trials", "2", "--workdir", str(tmp_path / "w"),
+                          "--heartbeat-interval", "5", "--grace-period", "5"])
+    assert rc == 2 and "longer grace period" in one_line_error(err)
+
     monkeypatch.setitem(__import__("sys").modules, "optuna", None)  # as if not installed
     rc, _, err = run_cli(["sweep", "--space", str(space), "--trials", "2", "--workdir", str(tmp_path / "w")])
     assert rc == 2 and "pip install 'flax-resnet[sweep]'" in one_line_error(err)
@@ -230,7 +234,7 @@ def test_a_killed_worker_s_trial_fails_and_its_retry_resumes(sweep_run, digits_d
     workdir, space, _ = sweep_run
     copy = tmp_path / "sweep"
     shutil.copytree(workdir, copy)
-    fast = ("--heartbeat-interval", "1", "--grace-period", "3")
+    fast = ("--heartbeat-interval", "1", "--grace-period", "3", "--pruner", "none")  # trial 3 must reach epoch 2
     worker = CliProcess(sweep_argv(copy, digits_data_dir, space, 4, *fast), tmp_path, "worker")
     worker.wait_until(lambda: saved_steps(copy / "trial_3"), timeout=120)  # epoch 1 saved
     worker.kill()

@@ -29,7 +29,8 @@ def _add_sweep(sub):
     p.add_argument("--workdir", default=None, help="trial runs and report (default runs/sweep_<study>); "
                    "shared storage when several machines run trials, so a retry finds its checkpoints")
     p.add_argument("--pruner", default="median", choices=("median", "halving", "none"),
-                   help="median (default: from 3 finished trials, from epoch 2), successive halving, or none")
+                   help="median (default: below the median at an epoch, once 3 trials have finished, from "
+                        "half-way through the epochs), successive halving, or none")
     p.add_argument("--seed", type=int, default=0, help="the TPE sampler's seed (default 0)")
     p.add_argument("--heartbeat-interval", "--heartbeat_interval", dest="heartbeat_interval", type=int, default=30,
                    metavar="S", help="seconds between a running trial's heartbeats (default 30)")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import socket
@@ -76,16 +77,27 @@ class _Surplus(Exception):
     """Enough trials were already finished, running or waiting when this one started."""
 
 
-def make_pruner(name: str):
-    """The pruner called ``name``: median (from 3 finished trials, from epoch 2), halving, or none."""
+def make_pruner(name: str, epochs: int = 1):
+    """The pruner called ``name`` for trials of ``epochs`` epochs: median, halving, or none.
+
+    median: a trial stops when its epoch's test top-1 is below the median of earlier trials at
+    that epoch, once 3 trials have finished and from half-way through its epochs (early epochs,
+    under warm-up and a high learning rate, rank trials close to at random). halving: successive
+    halving from a quarter of the epochs, keeping the best third at each rung.
+    """
     optuna = require_optuna()
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(1, math.ceil(epochs / 2)))
     if name == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, math.ceil(epochs / 4)), reduction_factor=3)
     if name == "none":
         return optuna.pruners.NopPruner()
     raise UserError(f"unknown pruner {name!r}; use one of {', '.join(PRUNERS)}")
+
+
+def trial_epochs(config) -> int:
+    """The epochs a trial of ``config`` trains (1 when it counts steps, whose epochs depend on the dataset)."""
+    return int(config.num_epochs) if int(config.get("num_train_steps", -1)) <= 0 else 1
 
 
 def make_sampler(seed: int, n_trials: int):
@@ -258,6 +270,9 @@ def run_sweep(config: ml_collections.ConfigDict, space: dict, *, n_trials: int, 
     optuna = require_optuna()
     if n_trials < 1:
         raise UserError(f"--trials {n_trials}: give at least 1")
+    if heartbeat_interval < 1 or grace_period <= heartbeat_interval:
+        raise UserError(f"--heartbeat-interval {heartbeat_interval} --grace-period {grace_period}: give an interval "
+                        f"of at least 1 s and a longer grace period (a few intervals: defaults 30 and 120)")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print our own line per trial
     workdir = Path(workdir)
     try:
@@ -265,7 +280,7 @@ def run_sweep(config: ml_collections.ConfigDict, space: dict, *, n_trials: int, 
     except OSError as e:
         raise UserError(f"cannot create sweep workdir {workdir} ({e.strerror or e}); pass a writable --workdir") from None
     storage = open_storage(storage_url, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
-    study = _open_study(optuna, storage, study_name, config, space, make_sampler(seed, n_trials), make_pruner(pruner))
+    study = _open_study(optuna, storage, study_name, config, space, make_sampler(seed, n_trials), make_pruner(pruner, trial_epochs(config)))
     _claim_workdir(workdir, study_name, storage_url)
     ran: list[int] = []
     objective = _objective(optuna, study, config, space, workdir, n_trials, say, ran)
