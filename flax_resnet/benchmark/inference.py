@@ -9,7 +9,8 @@
 
 Reported as JSON: batch-1 latency (median, p99 and mean over every timed call) and batch-``batch``
 throughput (median images/s over repeats). Each repeat runs every engine in turn (A B C A B C ...),
-after one untimed call of the same engine, so all see the same machine load.
+after one untimed call of the same engine, so all see the same machine load. ``ratios``: latency
+and throughput of ours and of onnxruntime over PyTorch's (latency < 1, throughput > 1: faster).
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ def run_inference_benchmark(model: str = "resnet50", *, image_size: int | None =
     spec = models.get_spec(model)
     size = image_size or spec.input_size
     num_classes = num_classes or spec.num_classes
+    load_before = environment()["load_average"]
     log(f"building {model} ({size}x{size}x{in_channels}) three ways ...")
     calls, info = {}, {}
     calls["flax_resnet"], params, stats, info["flax_resnet"] = _ours(model, num_classes, in_channels,
@@ -178,7 +180,7 @@ def run_inference_benchmark(model: str = "resnet50", *, image_size: int | None =
                    for k in thr if k != "torch" and "torch" in thr})
     return {"model": model, "image_size": size, "in_channels": in_channels, "num_classes": num_classes,
             "batch": batch, "latency_calls": latency_calls, "repeats": repeats, "engines": info, **results,
-            "ratios": ratios, "environment": environment()}
+            "ratios": ratios, "environment": {**environment(), "load_average_before": load_before}}
 
 
 def format_inference_summary(r: dict[str, Any]) -> str:
