@@ -1,6 +1,6 @@
 """Degradation: plain vs residual networks at depths 20 and 56 (He et al. 2015, Figure 6).
 
-    python experiments/degradation.py --quick          # depths 20/32, 5 steps per network on digits: ~30 s on 2 CPU cores
+    python experiments/degradation.py --quick          # depth 20, 80 steps per network on digits: ~30 s on 2 CPU cores
     python experiments/degradation.py                  # the dataset's full recipe (CIFAR-10 if prepared)
 
 Trains plain-20, plain-56, ResNet-20 and ResNet-56 with the same recipe (CIFAR-10's
@@ -9,9 +9,11 @@ with ``digits_resnet20``, 10 epochs, and a printed note) through ``train_and_eva
 and plots training error (thin: per log interval, on augmented batches in train mode) and
 test error (bold: per epoch) against iterations, plain nets left, ResNets right, as the
 paper's Figure 6. The paper's claim: plain-56 has *higher* training error than plain-20
-(degradation), ResNet-56 *lower* than ResNet-20. Quick mode (depths 20 and 32, five steps)
-checks the script end to end; five steps are too few to tell the networks apart (its verdicts
-are noise); the printed verdicts of a full run say what it shows, whichever way it goes.
+(degradation), ResNet-56 *lower* than ResNet-20; the printed verdicts of a full run say what it
+shows, whichever way it goes. Quick mode (plain-20 and ResNet-20, 80 steps of batch 16) checks
+the script end to end and shows one effect that holds from the start: ResNet-20's training
+error is below plain-20's after 80 steps on every seed we tried (7 of 7, BUILD_NOTES.md);
+deeper pairs need longer runs to order reliably.
 
 Writes ``degradation.{csv,json}`` (one row per network), ``degradation_curves.{csv,json}``
 and ``degradation.png`` into ``--outdir``; the runs themselves (metrics.jsonl, checkpoints,
@@ -29,7 +31,7 @@ if _HERE not in sys.path:  # `common` sits beside the scripts, however a script 
     sys.path.insert(0, _HERE)
 from common import cmdline, report, runs  # noqa: E402
 
-QUICK = {"depths": [20, 32], "steps": 5, "batch_size": 16, "log_every": 1}
+QUICK = {"depths": [20], "steps": 80, "batch_size": 16, "log_every": 4}
 
 
 def parse(argv):
@@ -101,8 +103,8 @@ def main(argv=None):
     for k, v in verdicts.items():
         print(f"{k}: {'yes' if v else 'NO'}")
     if args.quick:
-        print("quick mode: a few steps are too few to tell these networks apart (the verdicts above are noise); "
-              "run without --quick for the effect")
+        print("quick mode: 80 steps show the residual net ahead at depth 20; run without --quick for the "
+              "paper's depth comparison")
     report.report_written(written)
     return {"rows": rows, "verdicts": verdicts, "files": [str(p) for p in written], "dataset": dataset}
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 from flax import nnx
 
@@ -66,28 +67,32 @@ def test_degradation_quick(tmp_path_factory):
     files = check_outputs(out, "degradation.csv", "degradation.json", "degradation_curves.csv",
                           "degradation_curves.json", "degradation.png")
     quick = load_script("degradation").QUICK
-    lo, hi = quick["depths"]
-    models = {f"{kind}{depth}" for kind in ("plain", "resnet") for depth in (lo, hi)}
+    (depth,) = quick["depths"]
+    models = {f"plain{depth}", f"resnet{depth}"}
     table = files["degradation.json"]
     assert {r["model"] for r in table["rows"]} == models
     assert table["meta"]["command"].startswith("python experiments/degradation.py --quick")
     assert table["meta"]["machine"] and table["meta"]["dataset"] == "digits"
-    for r in table["rows"]:
-        assert r["steps"] == quick["steps"]
-        assert 0.0 <= r["final_train_error"] <= 100.0
+    err = {r["model"]: r["final_train_error"] for r in table["rows"]}
     curves = files["degradation_curves.json"]["rows"]
     for model in models:
+        (row,) = [r for r in table["rows"] if r["model"] == model]
+        assert row["steps"] == quick["steps"]
         errs = [c["train_error"] for c in curves if c["model"] == model]
-        # one training-error point per log interval
+        # one training-error point per log interval, each 100 x (1 - top-1) of that interval's batches
         assert len(errs) == quick["steps"] // quick["log_every"] >= 5
-        assert all(0.0 <= e <= 100.0 and math.isfinite(e) for e in errs)
+        run = [json.loads(line) for line in (out / "runs" / model / "metrics.jsonl").read_text().splitlines()]
+        top1 = [r["top1"] for r in run if r["kind"] == "train"]
+        assert errs == pytest.approx([100.0 * (1.0 - t) for t in top1], abs=0.01)
+        # final_train_error: the mean over the last 25% of the logged intervals, as documented
+        tail = errs[-max(1, round(len(errs) * 0.25)):]
+        assert err[model] == pytest.approx(sum(tail) / len(tail), abs=0.01)
     assert all(Path(p).exists() for p in result["files"])
-    # A few steps are too few to show the paper's effect: which net is ahead after them changes
-    # with the device count, so the verdicts are reported, not asserted. The full-mode runs on
-    # digits do show it (BUILD_NOTES.md, experiments).
-    assert set(result["verdicts"]) == {
-        f"plain{hi}_trains_worse_than_plain{lo}", f"resnet{hi}_trains_better_than_resnet{lo}",
-        f"resnet{lo}_trains_better_than_plain{lo}", f"resnet{hi}_trains_better_than_plain{hi}"}
+    # After 80 steps ResNet-20 trains better than plain-20: true on 7 of 7 seeds tried offline
+    # (seeds 0-6, 8 devices; BUILD_NOTES.md, "Experiments"); asserted here at seed 0, 8 devices.
+    assert jax.device_count() == 8
+    assert result["verdicts"] == {f"resnet{depth}_trains_better_than_plain{depth}": True}
+    assert err[f"resnet{depth}"] < err[f"plain{depth}"] - 3.0  # seeds 0-6: by 3.7 to 22 points
 
 
 # --------------------------------------------------------------------------- gradient flow
@@ -136,7 +141,11 @@ def test_cifar10_puts_paper_errors_beside_measured(tmp_path_factory):
     files = check_outputs(out, "cifar10.csv", "cifar10.json", "cifar10_epochs.csv", "cifar10.png")
     (row,) = files["cifar10.json"]["rows"]
     assert row["model"] == "resnet20" and row["paper_test_error"] == 8.75
-    assert 0.0 <= row["final_test_error"] <= 100.0
+    # The table's error is the run's own last evaluation, as an error in percent (not the accuracy).
+    evals = [json.loads(line) for line in (out / "runs" / "resnet20" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in evals if r["kind"] == "eval"][-1]
+    assert row["final_test_error"] == pytest.approx(100.0 * (1.0 - last["test_top1"]), abs=0.01)
+    assert row["best_test_error"] <= row["final_test_error"]
     assert row["comparable"] is False and row["dataset"] == "digits"  # digits, a few steps: never comparable
     assert files["cifar10.csv"][0]["paper_test_error"] == "8.75"
 
