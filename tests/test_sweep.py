@@ -289,7 +289,8 @@ def test_two_workers_share_a_postgresql_study(postgres, digits_data_dir, tmp_pat
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     workdir = tmp_path / "sweep"
-    argv = sweep_argv(workdir, digits_data_dir, space, 3, "--storage", postgres, "--study", "two_workers")
+    argv = sweep_argv(workdir, digits_data_dir, space, 3, "--storage", postgres, "--study", "two_workers",
+                      "--config.num_epochs=1")
     workers = [CliProcess(argv, tmp_path, f"worker{i}") for i in range(2)]
     for w in workers:
         assert w.wait(timeout=240) == 0, w.err[-3000:]
