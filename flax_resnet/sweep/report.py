@@ -33,6 +33,14 @@ def _best_top1(t) -> float | None:
     return max(reported) if reported else None
 
 
+def _note(t) -> str:
+    """The trial's note; a queued retry carries its predecessor's, so it says what it is instead."""
+    history = t.system_attrs.get("retry_history")
+    if t.state.name == "WAITING" and history:
+        return f"queued: retry of {history[-1]}"
+    return t.user_attrs.get("note", "")
+
+
 def trial_rows(study) -> list[dict]:
     """One dict per trial in number order: number, state, best_top1, params, epochs, wall_s, note, workdir."""
     rows = []
@@ -40,7 +48,7 @@ def trial_rows(study) -> list[dict]:
         wall = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
             else None
         rows.append({"number": t.number, "state": t.state.name, "best_top1": _best_top1(t), "params": dict(t.params),
-                     "epochs": len(t.intermediate_values), "wall_s": wall, "note": t.user_attrs.get("note", ""),
+                     "epochs": len(t.intermediate_values), "wall_s": wall, "note": _note(t),
                      "workdir": t.user_attrs.get("workdir", "")})
     return rows
 
@@ -89,7 +97,7 @@ def trial_line(t) -> str:
     what = f"best test top-1 {100 * top1:.2f}%" if top1 is not None else "no epoch evaluated"
     wall = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
         else None
-    note = t.user_attrs.get("note", "")
+    note = _note(t)
     return (f"trial {t.number}: {t.state.name}, {what} after {len(t.intermediate_values)} epoch(s)"
             + (f" in {wall:.1f} s" if wall is not None else "") + (f" ({note})" if note else ""))
 

@@ -199,10 +199,13 @@ def _resume_source(history: list[int], workdir: Path) -> Path | None:
     return None
 
 
-def _objective(optuna, study, config, space, workdir: Path, n_trials: int, say, ran: list):
+def _objective(optuna, study, config, space, workdir: Path, n_trials: int, say, ran: list, stopped: list):
+    """The objective; appends each trial it trains to ``ran``, and one a signal stopped to ``stopped``."""
     S = optuna.trial.TrialState
 
     def objective(trial) -> float:
+        if trial.user_attrs.get("note"):
+            trial.set_user_attr("note", "")  # a retry starts with its failed predecessor's attributes
         before = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number
                   and t.state in (S.COMPLETE, S.PRUNED, S.RUNNING, S.WAITING)]
         if len(before) >= n_trials:
@@ -238,6 +241,7 @@ def _objective(optuna, study, config, space, workdir: Path, n_trials: int, say, 
                 trial.set_user_attr("train_s", round(time.perf_counter() - t0, 1))
         if summary.preempted:
             add_note(trial, "preempted")
+            stopped.append(trial.number)
             raise _Preempted()
         return float(summary.best_top1)
 
@@ -283,7 +287,8 @@ def run_sweep(config: ml_collections.ConfigDict, space: dict, *, n_trials: int, 
     study = _open_study(optuna, storage, study_name, config, space, make_sampler(seed, n_trials), make_pruner(pruner, trial_epochs(config)))
     _claim_workdir(workdir, study_name, storage_url)
     ran: list[int] = []
-    objective = _objective(optuna, study, config, space, workdir, n_trials, say, ran)
+    stopped: list[int] = []
+    objective = _objective(optuna, study, config, space, workdir, n_trials, say, ran, stopped)
     poll_s = max(1.0, min(10.0, heartbeat_interval / 2))
     waiting = preempted = False
     while True:
@@ -305,7 +310,7 @@ def run_sweep(config: ml_collections.ConfigDict, space: dict, *, n_trials: int, 
             continue
         done = _trial_numbered(study, ran[-1])
         say(report.trial_line(done))
-        if "preempted" in done.user_attrs.get("note", ""):
+        if stopped:
             requeue(study, done)
             preempted = True
             break
