@@ -104,7 +104,10 @@ def test_converted_model_matches_pytorch(name, tmp_path):
 
     got = pretrained.to_torch_state_dict(params, new_stats)
     running = {key: want for key, want in want_stats.items() if "running" in key}
-    chex.assert_trees_all_close({key: got[key] for key in running}, running, rtol=1e-4, atol=1e-4)
+    # Deep layers normalise over 8 values per channel (2 images at 2x2), which amplifies float32
+    # rounding: jax 0.10.2 lands within 4e-5 relative, 0.10.0 (the oldest allowed) within 2.6e-4.
+    # The biased-variance bug this guards against is ~1e-1 there.
+    chex.assert_trees_all_close({key: got[key] for key in running}, running, rtol=1e-3, atol=1e-4)
     worst = max(float(np.abs(got[key] - want).max()) for key, want in running.items())
     print(f"{name}: BatchNorm running statistics after one train step, max |diff| {worst:.2e}")
 
@@ -131,8 +134,8 @@ def test_batchnorm_running_var_is_unbiased_as_pytorch():
         tbn.weight.uniform_(0.5, 1.5)
         tbn.bias.uniform_(-1, 1)
     ours = BatchNorm(4, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
-    ours.mean[...] = jnp.asarray(tbn.running_mean.numpy())
-    ours.var[...] = jnp.asarray(tbn.running_var.numpy())
+    ours.mean[...] = jnp.array(tbn.running_mean.numpy(), copy=True)
+    ours.var[...] = jnp.array(tbn.running_var.numpy(), copy=True)
     ours.scale[...] = jnp.asarray(tbn.weight.detach().numpy())
     ours.bias[...] = jnp.asarray(tbn.bias.detach().numpy())
     stock = nnx.BatchNorm(4, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
