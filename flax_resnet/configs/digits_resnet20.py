@@ -6,7 +6,7 @@ on kernels, 1-epoch linear warm-up then cosine, 10 epochs (220 steps).
 
 Run:    flax-resnet train                       (same as --config digits_resnet20)
 Expect: ~99% test top-1 in under 2 minutes on 2 CPU cores. Our runs (BUILD_NOTES.md, "Main
-        job"): 98.89% final, 99.17% best, 43.8 s wall on a 2-core AVX-512 Xeon VM (machine D);
+        job"): 98.61% final, 99.17% best, 40.7 s wall on a 2-core AVX-512 Xeon VM (machine D);
         99.17% final, 99.44% best, 99.3 s of training on a 2-core AVX2 EPYC VM (machine A).
 """
 
