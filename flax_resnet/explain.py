@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image, UnidentifiedImageError
 
-from flax_resnet.data import DatasetInfo, preprocess_for_eval
+from flax_resnet.data import DatasetInfo, open_image, preprocess_for_eval
 from flax_resnet.errors import UserError
 from flax_resnet.export.source import ExportSource, from_run
 from flax_resnet.models.layers import apply_sequence
@@ -114,13 +113,6 @@ def upsample(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(jax.image.resize(cams, (cams.shape[0], *size), "bilinear"))
 
 
-def _open_image(path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot read image {path}: {e}; pass a PNG/JPEG/BMP/... file") from None
 
 
 def save_overlay(path: str | os.PathLike, image: np.ndarray, heatmap: np.ndarray, top: list[tuple[str, float]],
@@ -175,7 +167,7 @@ def explain(workdir: str | os.PathLike, image_paths: Sequence[str | os.PathLike]
                             "choose another --out") from None
     src = from_run(workdir, which)
     info = _info(src)
-    images = np.stack([np.asarray(preprocess_for_eval(_open_image(p), info), np.float32) for p in image_paths])
+    images = np.stack([np.asarray(preprocess_for_eval(open_image(p), info), np.float32) for p in image_paths])
     cams, logits, layer = grad_cam(src.model, images, layer=layer)
     heatmaps = upsample(cams, images.shape[1:3])
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))

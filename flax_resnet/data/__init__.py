@@ -12,7 +12,7 @@ them), ``info`` (dataset description, normalisation, batch recipe), ``augment``
 iterators); ``synthetic`` writes random stand-ins for tests and benchmarks.
 """
 
-from flax_resnet.data.augment import preprocess_for_eval
+from flax_resnet.data.augment import open_image, preprocess_for_eval
 from flax_resnet.data.info import DatasetInfo, get_dataset_info
 from flax_resnet.data.pipeline import (TrainIterator, enable_worker_processes, eval_batches, num_eval_batches,
                                        train_iterator)
@@ -26,6 +26,7 @@ __all__ = [
     "eval_batches",
     "get_dataset_info",
     "num_eval_batches",
+    "open_image",
     "prepare",
     "prepare_command",
     "preprocess_for_eval",

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from flax_resnet.data.info import DatasetInfo
+from flax_resnet.errors import UserError
 
 EVAL_CROP_FRACTION = 0.875  # 224 / 256
 
@@ -142,6 +143,18 @@ def crop_resize(image: Any, box_fn: Callable[[int, int], tuple], size: int, chan
     im = im.resize((size, size), Image.BILINEAR, box=(x * sx, y * sy, (x + cw) * sx, (y + ch) * sy))
     out = np.asarray(im, dtype=np.uint8)
     return out[:, :, None] if out.ndim == 2 else out
+
+
+def open_image(path) -> Any:
+    """A decoded PIL image from a file, or a one-line :class:`UserError` naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"cannot read image {path}: {e}; pass a PNG/JPEG/BMP/... file") from None
 
 
 def preprocess_for_eval(image: Any, info: DatasetInfo) -> np.ndarray:

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from PIL import Image, UnidentifiedImageError
 
 from flax_resnet import data, parallel
 from flax_resnet.checkpoint import Checkpointer
@@ -93,13 +92,6 @@ def evaluate(workdir: str | Path, *, which: str = "best", split: str | None = No
             "dataset": info.name, "model": config.model}
 
 
-def _open_image(path):
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot read image {path}: {e}; pass a PNG/JPEG/BMP/... file") from None
 
 
 def predict(workdir: str | Path, image_paths: Sequence[str | Path], *, which: str = "best",
@@ -113,7 +105,7 @@ def predict(workdir: str | Path, image_paths: Sequence[str | Path], *, which: st
     m = restore_model(workdir, which)
     info = data.get_dataset_info(m.config.dataset, m.config.data_dir, image_size=image_size(m.config),
                                  normalize=normalize(m.config))
-    images = np.stack([np.asarray(data.preprocess_for_eval(_open_image(p), info), np.float32)
+    images = np.stack([np.asarray(data.preprocess_for_eval(data.open_image(p), info), np.float32)
                        for p in image_paths])
     probs_fn = steps.jit_predict_step(m.mesh, graph=m.graph, compute_dtype=m.compute_dtype)
     probs = np.asarray(jax.device_get(probs_fn(m.state, jnp.asarray(images))))
