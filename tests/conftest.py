@@ -17,6 +17,14 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# On an accelerator (JAX_PLATFORMS=cuda,... as experiments/gpu_check.py runs us): no pre-grabbing
+# of device memory (PyTorch's parity references share the card), float32 matmuls and
+# convolutions at full precision (GPUs default to TF32, 1e-3 off the references), and
+# deterministic reductions so the resume tests can compare bit for bit. All no-ops on CPU.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+if "cpu" not in os.environ["JAX_PLATFORMS"].split(",")[0]:
+    os.environ["XLA_FLAGS"] += " --xla_gpu_deterministic_ops=true"
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="flax_resnet_test_jax_cache_")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
