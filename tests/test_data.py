@@ -514,3 +514,12 @@ def importlib_util_find(name):
     import importlib.util
 
     return importlib.util.find_spec(name)
+
+
+def test_num_workers_minus_one_is_one_per_core_but_one(monkeypatch):
+    from flax_resnet.data import pipeline
+
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert pipeline.auto_workers(-1) == 15 and pipeline.auto_workers(0) == 0 and pipeline.auto_workers(3) == 3
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert pipeline.auto_workers(-1) == 1

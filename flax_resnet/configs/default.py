@@ -24,7 +24,8 @@ Fields:
     from the initial weights), checkpointed and evaluated each epoch beside the weights
     (``ema_test_top1``); 0: off. best_metric: which test top-1 picks the best checkpoint,
     'test_top1' (the weights) or 'ema_test_top1'.
-  augment, num_workers: data augmentation on/off and data-loader worker processes.
+  augment, num_workers: data augmentation on/off and data-loader worker processes (-1: one per
+    core but one; 0: in this process).
   augment_flip: horizontal flips in that augmentation (where the dataset gets them;
     never on digits); False keeps the random crops, for recipes that do not flip.
   normalize: per-channel mean/std normalisation of train, eval and predict images;

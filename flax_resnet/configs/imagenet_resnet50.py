@@ -33,7 +33,7 @@ def get_config():
     c.nesterov = True
     c.weight_decay = 1e-4
     c.half_precision = True
-    c.num_workers = 8
+    c.num_workers = -1  # one Grain worker per core but one: a 224 JPEG costs ~2 ms per core (docs/performance.md)
     c.log_every_steps = 100
     c.checkpoint_every_steps = 1_000
     return c

@@ -136,7 +136,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     _at_least(config, "checkpoint_every_steps", 0, integer=True, fix="must be at least 0 (0: at epoch ends only)")
     _at_least(config, "max_to_keep", 1, integer=True, fix="must be at least 1")
     _at_least(config, "backbone_lr_mult", 0, fix="must be at least 0 (0: backbone learns nothing; 1: as the head)")
-    _at_least(config, "num_workers", 0, integer=True, fix="must be at least 0 (0: load in this process)")
+    _at_least(config, "num_workers", -1, integer=True,
+              fix="must be -1 (one per core but one), 0 (load in this process) or a worker count")
     ema = _number(config, "ema_decay")
     if ema is not None and not 0 <= ema < 1:
         _fail("ema_decay", ema, "must be in [0, 1) (0: no EMA; 0.999 or 0.9999 are usual)")

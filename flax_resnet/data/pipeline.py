@@ -39,6 +39,15 @@ def enable_worker_processes(*_) -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def auto_workers(num_workers: int) -> int:
+    """``num_workers``, with -1 meaning one Grain worker per CPU core this process may use but one
+    (that one runs the training loop and feeds the devices)."""
+    if num_workers >= 0:
+        return num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
 def _check_worker_processes(num_workers: int) -> None:
     from absl import flags
 
@@ -237,8 +246,8 @@ def train_iterator(
       process_index: this process (``jax.process_index()``).
       process_count: number of processes (``jax.process_count()``).
       augment: random crop/flip (off: images only resized/normalised as for eval).
-      num_workers: Grain worker processes (0: threads in this process). Output is
-        identical for any value.
+      num_workers: Grain worker processes (0: threads in this process; -1: one per core but
+        one, :func:`auto_workers`). Output is identical for any value.
       image_size: output side for variable-size datasets (default 224).
       num_threads: Grain threads per process (default: 1 for fixed-size data, up to
         4 for decoded JPEGs).
@@ -253,6 +262,7 @@ def train_iterator(
     """
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    num_workers = auto_workers(num_workers)
     _check_worker_processes(num_workers)
     opened = sources.open_dataset(name, data_dir)
     recipe = make_recipe(opened, data_dir, image_size, flip=flip, normalize=normalize)
@@ -313,6 +323,7 @@ def eval_batches(
     """
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    num_workers = auto_workers(num_workers)
     _check_worker_processes(num_workers)
     opened = sources.open_dataset(name, data_dir)
     recipe = make_recipe(opened, data_dir, image_size, normalize=normalize)
