@@ -32,14 +32,7 @@ Fault tolerance (:meth:`Checkpointer.resume`):
   deleted) with a warning naming each, so later saves at the same step can proceed.
   If checkpoints exist but none is readable, nothing is renamed and a
   :class:`~flax_resnet.errors.UserError` lists them.
-* Only damage (a missing commit marker or item, an unparsable or truncated file) sets a
-  checkpoint aside. A read error that may pass (permission denied, a file that vanished,
-  out of memory, an unavailable file system) stops with a :class:`CheckpointReadError` and
-  renames nothing: the same checkpoint may read fine once the cause is fixed.
-* A save that fails for lack of space (``ENOSPC``, in Orbax's background thread) surfaces at
-  the next save or wait as one :class:`DiskFullError` naming the directory, the space the
-  checkpoint needs and what is free; the checkpoints already on disk stay as they are, and
-  Orbax's own reports of it (logged tracebacks from its threads) are not repeated.
+* Only damage counts, and a full disk is one error: :mod:`flax_resnet.checkpoint_checks`.
 
 Preemption (SIGTERM/SIGINT -> save and stop) is :mod:`flax_resnet.training.preemption`'s.
 """
@@ -48,98 +41,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import jax
 import orbax.checkpoint as ocp
 
+from flax_resnet import checkpoint_checks as checks
+from flax_resnet.checkpoint_checks import (ITEMS, CheckpointReadError, DiskFullError,  # noqa: F401
+                                           UnreadableCheckpointError, structural_problem)
 from flax_resnet.errors import UserError
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"
 BEST_METRIC = "test_top1"
-ITEMS = ("state", "data", "config", "meta")
 TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step still being written
-COMMIT_FILE = "commit_success.txt"  # written into the step directory just before Orbax's final rename
 CORRUPT_SUFFIX = ".corrupt"
 
 Which = Literal["latest", "best"]
 WarnFn = Callable[[str], None]
 
 log = logging.getLogger(__name__)
-
-
-class UnreadableCheckpointError(UserError):
-    """A checkpoint exists but cannot be restored (damaged, or saved by an incompatible model)."""
-
-
-class CheckpointReadError(UserError):
-    """Reading a checkpoint failed for a reason that may pass (permissions, memory, a vanished file)."""
-
-
-class DiskFullError(UserError):
-    """A checkpoint could not be written: no space left on the device."""
-
-
-# Read errors that say nothing about the checkpoint itself: the same files may read fine later.
-_PASSING_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOMEM, errno.EIO, errno.EAGAIN, errno.EINTR,
-                   errno.ETIMEDOUT, errno.ESTALE, errno.EMFILE, errno.ENFILE, errno.EBUSY}
-# The same in TensorStore's statuses (Orbax re-raises them as ValueError with the status in the text).
-_PASSING_WORDS = ("PERMISSION_DENIED", "Permission denied", "NOT_FOUND", "No such file", "UNAVAILABLE",
-                  "DEADLINE_EXCEEDED", "Out of memory", "Cannot allocate memory")
-_FULL_WORDS = ("No space left on device", "os_error_code='28'")
-_METADATA_BYTES = 256 * 1024  # JSON items, Orbax's metadata and OCDBT manifests beside the arrays
-
-
-def _free_bytes(path: Path) -> int | None:
-    """Free bytes on the file system holding ``path`` (its nearest existing ancestor), or None."""
-    for p in (path, *path.parents):
-        if p.exists():
-            try:
-                return shutil.disk_usage(p).free
-            except OSError:
-                return None
-    return None
-
-
-def _chain(e: BaseException):
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
-
-
-def passing_read_error(e: BaseException) -> str | None:
-    """The cause, when ``e`` (raised while reading a checkpoint) may pass rather than mean damage."""
-    for x in _chain(e):
-        if isinstance(x, MemoryError):
-            return "out of memory"
-        if isinstance(x, OSError) and x.errno in _PASSING_ERRNOS:
-            return f"{x.strerror or type(x).__name__}" + (f": {x.filename}" if x.filename else "")
-        if any(word in str(x) for word in _PASSING_WORDS):
-            return _first_line(x)
-    return None
-
-
-def is_disk_full(e: BaseException) -> bool:
-    return any((isinstance(x, OSError) and x.errno == errno.ENOSPC) or any(w in str(x) for w in _FULL_WORDS)
-               for x in _chain(e))
-
-
-class _DropDiskFullReports(logging.Filter):
-    """Orbax logs a save's ENOSPC from each of its threads; :class:`DiskFullError` says it once."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            return not is_disk_full(record.exc_info[1])
-        return not any(w in text for w in _FULL_WORDS)
 
 
 @contextlib.contextmanager
@@ -172,41 +95,6 @@ def _options(max_to_keep, *, best=False, async_=True, read_only=False) -> ocp.Ch
         multiprocessing_options=ocp.options.MultiprocessingOptions(
             barrier_sync_key_prefix=BEST_DIR if best else LATEST_DIR),
     )
-
-
-def _first_line(e: BaseException, limit: int = 160) -> str:
-    text = (str(e).strip().splitlines() or [""])[0] or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def structural_problem(step_dir: str | Path, *, best: bool = False) -> str | None:
-    """Why a finalised step directory cannot be a complete checkpoint, or ``None``.
-
-    Cheap (no arrays read): the commit marker, every item directory, and that every JSON
-    item parses. Array files are only checked by actually restoring them.
-    """
-    step_dir = Path(step_dir)
-    if not (step_dir / COMMIT_FILE).is_file():
-        return f"no {COMMIT_FILE}: the save did not finish"
-    for item in ITEMS:
-        if not (step_dir / item).is_dir():
-            return f"item '{item}' is missing"
-    json_files = [step_dir / item / "metadata" for item in ("data", "config", "meta")]
-    if best:
-        json_files.append(step_dir / "metrics" / "metrics")
-    for path in json_files:
-        try:
-            json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            if passing_read_error(e):
-                raise CheckpointReadError(_read_error_message(step_dir, e)) from e
-            return f"{path.relative_to(step_dir)} is unreadable ({_first_line(e, 80)})"
-    return None
-
-
-def _read_error_message(step_dir: Path, e: BaseException) -> str:
-    return (f"could not read checkpoint {step_dir} ({passing_read_error(e)}); nothing was changed: fix the cause "
-            f"(permissions, memory, the file system) and rerun")
 
 
 @dataclasses.dataclass
@@ -249,7 +137,7 @@ class Checkpointer:
         self._best_value = self._read_best_metric()
         self._saving: dict[str, int] = {}  # manager -> bytes of the state it is writing
         self._disk_full: DiskFullError | None = None
-        self._log_filter = _DropDiskFullReports()
+        self._log_filter = checks.DropDiskFullReports()
         logging.getLogger("absl").addFilter(self._log_filter)
 
     # ------------------------------------------------------------------ queries
@@ -342,18 +230,18 @@ class Checkpointer:
         if self._disk_full is not None:
             raise self._disk_full
         if kind is not None and state is not None:
-            size = sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, "nbytes")) + _METADATA_BYTES
+            size = sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, "nbytes")) + checks.METADATA_BYTES
             in_flight = sum(n for k, n in self._saving.items() if self._manager(k).is_saving_in_progress())
-            free = _free_bytes(self.workdir)
+            free = checks.free_bytes(self.workdir)
             if free is not None and free < size + in_flight:
                 self._disk_full = self._full_error(size + in_flight, free)
                 raise self._disk_full
         try:
             yield
         except Exception as e:
-            if not is_disk_full(e):
+            if not checks.is_disk_full(e):
                 raise
-            self._disk_full = self._full_error(max(self._saving.values(), default=0), _free_bytes(self.workdir) or 0)
+            self._disk_full = self._full_error(max(self._saving.values(), default=0), checks.free_bytes(self.workdir) or 0)
             raise self._disk_full from e
         if kind is not None and state is not None:
             self._saving["latest" if kind == LATEST_DIR else "best"] = size
@@ -373,10 +261,10 @@ class Checkpointer:
             out = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                              meta=ocp.args.JsonRestore()))
         except Exception as e:
-            if passing_read_error(e):
-                raise CheckpointReadError(_read_error_message(mngr.directory / str(step), e)) from e
+            if checks.passing_read_error(e):
+                raise CheckpointReadError(checks.read_error_message(mngr.directory / str(step), e)) from e
             raise UnreadableCheckpointError(
-                f"checkpoint {mngr.directory / str(step)} has an unreadable config ({_first_line(e)}); "
+                f"checkpoint {mngr.directory / str(step)} has an unreadable config ({checks.first_line(e)}); "
                 f"use another checkpoint (--checkpoint best/latest) or retrain"
             ) from e
         return step, dict(out["config"]), dict(out["meta"] or {})
@@ -404,11 +292,11 @@ class Checkpointer:
                 ),
             )
         except Exception as e:
-            if passing_read_error(e):
-                raise CheckpointReadError(_read_error_message(mngr.directory / str(step), e)) from e
+            if checks.passing_read_error(e):
+                raise CheckpointReadError(checks.read_error_message(mngr.directory / str(step), e)) from e
             raise UnreadableCheckpointError(
                 f"cannot restore checkpoint {mngr.directory / str(step)}: it is damaged or was saved by "
-                f"an incompatible model ({_first_line(e)}); use a checkpoint of this model, or retrain"
+                f"an incompatible model ({checks.first_line(e)}); use a checkpoint of this model, or retrain"
             ) from e
         return out["state"], dict(out["data"] or {}), dict(out["config"]), dict(out["meta"] or {})
 
@@ -457,14 +345,14 @@ class Checkpointer:
                 try:
                     _, config, meta = self.restore_config(which, step)
                 except UnreadableCheckpointError as e:
-                    problem = f"unreadable config ({_first_line(e.__cause__ or e)})"
+                    problem = f"unreadable config ({checks.first_line(e.__cause__ or e)})"
             if problem is None:
                 if check is not None:
                     check(config, meta)
                 try:
                     state, data_state, config, meta = self.restore(abstract_state, which, step)
                 except UnreadableCheckpointError as e:
-                    problem = f"cannot restore it ({_first_line(e.__cause__ or e)})"
+                    problem = f"cannot restore it ({checks.first_line(e.__cause__ or e)})"
             if problem is not None:
                 bad.append((path, problem))
                 continue
@@ -510,7 +398,7 @@ class Checkpointer:
                 try:
                     mngr.close()
                 except Exception as e:  # a full disk was reported already (or is reported by the caller's wait)
-                    if not is_disk_full(e):
+                    if not checks.is_disk_full(e):
                         raise
         finally:
             logging.getLogger("absl").removeFilter(self._log_filter)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from flax_resnet import checkpoint
+from flax_resnet import checkpoint, checkpoint_checks
 from flax_resnet.checkpoint import Checkpointer, CheckpointReadError, DiskFullError
 from helpers import run_cli, saved_steps, snapshot, train_argv
 
@@ -107,7 +107,7 @@ def test_a_full_disk_stops_training_with_one_line_and_keeps_the_checkpoints(digi
     mounted = _small_filesystem(small, used_kib + 300)  # the run fits, another checkpoint does not
     try:
         if not mounted:  # a stand-in: the file system reports 100 KiB free
-            monkeypatch.setattr(checkpoint, "_free_bytes", lambda path: 100 * 1024)
+            monkeypatch.setattr(checkpoint_checks, "free_bytes", lambda path: 100 * 1024)
         work = small / "run"
         shutil.copytree(src, work)
         before = snapshot(work / "checkpoints")
