@@ -41,6 +41,11 @@ import sys
 import time
 from pathlib import Path
 
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # `common` sits beside the scripts, however a script is loaded
+    sys.path.insert(0, _HERE)
+from common import jpegs  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("environment", "tests", "resnet50", "cifar_loop", "jpeg_pipeline")
 # Each stage's own limit; time an earlier stage leaves unused goes to the next ones.
@@ -265,70 +270,12 @@ def stage_cifar_loop(args, sizes, res: dict, out_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- stage 5: JPEG pipeline
-IMAGENET_SIDES = ((375, 500), (500, 375), (333, 500), (500, 333), (400, 400), (281, 500))
-
-
-def _write_jpeg(job: tuple[str, int]) -> int:
-    """One smooth random ImageNet-sized JPEG (compresses like a photo, not like noise)."""
-    import numpy as np
-    from PIL import Image
-
-    path, seed = job
-    rng = np.random.default_rng(seed)
-    h, w = IMAGENET_SIDES[seed % len(IMAGENET_SIDES)]
-    coarse = rng.integers(0, 256, size=(h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
-    img = np.repeat(np.repeat(coarse, 8, axis=0), 8, axis=1)[:h, :w].astype(np.int16)
-    img = np.clip(img + rng.integers(-12, 13, size=img.shape), 0, 255).astype(np.uint8)
-    Image.fromarray(img).save(path, quality=90)
-    return os.path.getsize(path)
-
-
-def make_jpeg_folder(root: Path, classes: int, per_class: int, processes: int) -> dict:
-    from multiprocessing import get_context
-
-    jobs = []
-    for split, n in (("train", per_class), ("val", max(1, per_class // 8))):
-        for c in range(classes):
-            d = root / split / f"class_{c:03d}"
-            d.mkdir(parents=True, exist_ok=True)
-            jobs += [(str(d / f"{i:05d}.jpg"), len(jobs) + i) for i in range(n)]
-    t = time.perf_counter()
-    with get_context("fork").Pool(processes) as pool:  # before JAX is imported in this process
-        sizes = pool.map(_write_jpeg, jobs, chunksize=8)
-    return {"images": len(jobs), "mean_kb": round(sum(sizes) / len(sizes) / 1024, 1),
-            "generate_s": round(time.perf_counter() - t, 2)}
-
-
-def _pipeline_rate(name: str, data_dir: str, *, batch: int, waves: int, workers: int) -> dict:
-    """Steady-state images/s. Each Grain worker makes whole batches, so with N workers they come
-    in waves of N: skip the start-up bursts (buffers filled while the first batch was awaited),
-    then time whole waves."""
-    from flax_resnet.data import train_iterator
-
-    per_wave = max(1, workers)
-    t0 = time.perf_counter()
-    it = train_iterator(name, batch_size=batch, seed=0, data_dir=data_dir, num_workers=workers, image_size=224,
-                        uint8=True)  # as the trainer reads it: normalised on the device
-    next(it)
-    first = time.perf_counter() - t0
-    for _ in range(2 * per_wave + 4):  # worker buffers (2 each) and the iterator's prefetch (4)
-        next(it)
-    timed = waves * per_wave
-    t1 = time.perf_counter()
-    for _ in range(timed):
-        out = next(it)
-    rate = timed * batch / (time.perf_counter() - t1)
-    it.close()
-    return {"workers": workers, "images_per_sec": round(rate, 1), "first_batch_s": round(first, 2),
-            "timed_batches": timed, "batch_shape": list(out["image"].shape), "dtype": str(out["image"].dtype)}
-
-
 def stage_jpeg_pipeline(args, sizes, res: dict, out_path: Path) -> None:
     jp = sizes["jpeg"]
     cores = host_cores()
     root = Path(args.work) / "jpeg_folder"
     if not (root / "train").is_dir():
-        res["generated"] = make_jpeg_folder(root, jp["classes"], jp["per_class"], max(1, cores))
+        res["generated"] = jpegs.make_jpeg_folder(root, jp["classes"], jp["per_class"], max(1, cores))
     from flax_resnet.data import enable_worker_processes, prepare
 
     data_dir = str(Path(args.work) / "tfds")
@@ -340,7 +287,7 @@ def stage_jpeg_pipeline(args, sizes, res: dict, out_path: Path) -> None:
     workers = max(1, cores - 1) if not args.dry_run else min(2, max(1, cores - 1))
     res.update(cores=cores, batch=jp["batch"], image_size=224, rows=[])
     for w in (workers, 0):
-        row = _pipeline_rate(f"folder:{root}", data_dir, batch=jp["batch"], waves=jp["waves"] if w else jp["batches"],
+        row = jpegs.pipeline_rate(f"folder:{root}", data_dir, batch=jp["batch"], waves=jp["waves"] if w else jp["batches"],
                              workers=w)
         print(f"JPEG pipeline, {w} workers: {row['images_per_sec']:.0f} images/s "
               f"(first batch after {row['first_batch_s']} s)", flush=True)
