@@ -10,6 +10,7 @@
 * :mod:`common.report`: tables (CSV + JSON) and plots (matplotlib, Agg backend);
 * :mod:`common.references`: the published numbers printed beside measured ones;
 * :mod:`common.standins`: offline stand-ins (an image folder, random weights) for quick runs.
+* :mod:`common.jpegs`: generated ImageNet-sized JPEG folders and the pipeline's rate over them.
 
 Each script puts its own directory first on ``sys.path`` and imports ``common`` from there,
 so it works both as ``python experiments/NAME.py`` and when loaded from its file path
