@@ -12,17 +12,14 @@ Here, on CPU, the same stages at tiny sizes (about 2-3 minutes on 2 busy cores):
 Stages (each a child process killed at its time limit, :data:`TIMEOUT_S`; the whole check stays
 inside ``--budget``, 350 s by default):
 
-1. ``environment``: nvidia-smi, Python/jax/flax/orbax/torch versions, devices, a bf16 matmul rate.
-2. ``tests``: the GPU-relevant tests (reference parity, train step, bit-exact checkpoint resume,
-   the multi-device equality tests, which should skip on one device) with
-   ``JAX_DEFAULT_MATMUL_PRECISION=highest`` and ``--xla_gpu_deterministic_ops=true``.
-3. ``resnet50``: ResNet-50 batch 256 bfloat16 train images/s and compile time, ours alone, then
-   interleaved with PyTorch (torch.compile, channels_last, AMP bf16); the fraction of the card's
-   dense bf16 peak; issue 17's goals (>= 5,000 images/s and >= PyTorch).
-4. ``cifar_loop``: the real training loop (``cifar10_resnet20`` recipe on a synthetic CIFAR-10)
-   against the bare step: images/s of each.
-5. ``jpeg_pipeline``: the Grain JPEG pipeline (decode + random-resized crop to 224) on generated
-   ImageNet-sized JPEGs, workers derived from the host's cores, against stage 3's step rate.
+1. ``environment``: nvidia-smi, versions, devices, a bf16 matmul rate.
+2. ``tests``: reference parity, train step, bit-exact resume (multi-device tests skip on one
+   device), at ``highest`` matmul precision with ``--xla_gpu_deterministic_ops=true``.
+3. ``resnet50``: batch 256 bf16 train images/s and compile time, ours alone, then interleaved
+   with PyTorch (torch.compile, channels_last, AMP); fraction of bf16 peak; issue 17's goals.
+4. ``cifar_loop``: the real loop (``cifar10_resnet20`` on synthetic CIFAR-10) vs the bare step.
+5. ``jpeg_pipeline``: Grain JPEG decode + random-resized crop on generated ImageNet-sized JPEGs,
+   workers from the host's cores, against stage 3's step rate.
 
 Files under ``--out`` (at most 8, as the device tool returns): one JSON per stage,
 ``summary.json`` and ``gpu_check.log`` (every child's output). Scratch data goes to ``--work``.
