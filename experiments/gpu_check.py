@@ -5,9 +5,7 @@ torch preinstalled; no network), with the wheels of ``experiments/gpu_wheels.txt
 
     bash experiments/gpu_check.sh          # the exact device `run` call is at the top of that file
 
-Here, on CPU, the same stages at tiny sizes (about 2-3 minutes on 2 busy cores):
-
-    .venv/bin/python experiments/gpu_check.py --dry-run --out /tmp/gpu_check
+On CPU, tiny sizes, 2-3 minutes: ``python experiments/gpu_check.py --dry-run --out /tmp/gpu_check``.
 
 Stages (each a child process killed at its time limit, :data:`TIMEOUT_S`; the whole check stays
 inside ``--budget``, 350 s by default):
@@ -21,8 +19,7 @@ inside ``--budget``, 350 s by default):
 5. ``jpeg_pipeline``: Grain JPEG decode + random-resized crop on generated ImageNet-sized JPEGs,
    workers from the host's cores, against stage 3's step rate.
 
-Files under ``--out`` (at most 8, as the device tool returns): one JSON per stage,
-``summary.json`` and ``gpu_check.log`` (every child's output). Scratch data goes to ``--work``.
+``--out`` gets one JSON per stage, ``summary.json`` and ``gpu_check.log``; scratch goes to ``--work``.
 """
 
 from __future__ import annotations
