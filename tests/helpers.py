@@ -99,3 +99,27 @@ def restore_state(workdir, step: int, which: str = "latest", mesh=None):
                                            mesh or parallel.create_mesh())
         state, _, _, _ = ck.restore(abstract, which, step)
     return jax.device_get(state)
+
+
+def random_weights(params, stats, *, seed: int = 0, bias_std: float = 0.1):
+    """``(params, stats)`` (pure dicts of arrays or shape structs) filled with seeded random values:
+    He-normal kernels over the fan-in (activations stay O(1) through depth), BatchNorm scales and
+    running variances in [0.5, 1.5], biases and running means N(0, ``bias_std``): far from a fresh
+    model's identity BatchNorms, without running its eager initialisers."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        leaf = path[-1].key
+        if leaf == "kernel":
+            value = rng.normal(0, np.sqrt(2.0 / np.prod(s.shape[:-1])), s.shape)
+        elif leaf in ("scale", "var"):
+            value = rng.uniform(0.5, 1.5, s.shape)
+        else:
+            value = rng.normal(0, bias_std, s.shape)
+        return jnp.asarray(value, s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, (params, stats))

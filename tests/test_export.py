@@ -9,14 +9,13 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from flax import nnx
-from helpers import run_cli
+from helpers import random_weights, run_cli
 
 from flax_resnet import export, pretrained
 from flax_resnet.models import create_model
@@ -29,19 +28,7 @@ def _random_model(name: str, num_classes: int = 10, in_channels: int = 3):
     affine parameters (far from the identity), so that folding them is really tested."""
     abstract = nnx.eval_shape(lambda: create_model(name, num_classes=num_classes, in_channels=in_channels))
     _, params, stats = pretrained.split_state(abstract)
-    rng = np.random.default_rng(0)
-
-    def fill(path, s):
-        leaf = path[-1].key
-        if leaf == "kernel":  # He normal over the fan-in keeps activations O(1) through depth
-            value = rng.normal(0, np.sqrt(2.0 / np.prod(s.shape[:-1])), s.shape)
-        elif leaf in ("scale", "var"):
-            value = rng.uniform(0.5, 1.5, s.shape)
-        else:  # biases, running means
-            value = rng.normal(0, 0.2, s.shape)
-        return jnp.asarray(value, s.dtype)
-
-    params, stats = jax.tree_util.tree_map_with_path(fill, (params, stats))
+    params, stats = random_weights(params, stats, bias_std=0.2)
     return export.plain_model(name, params, stats, num_classes=num_classes, in_channels=in_channels)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import restore_state, run_cli
+from helpers import random_weights, restore_state, run_cli
 
 from flax_resnet import data, pretrained
 from flax_resnet.configs import default, get_config
@@ -38,19 +38,7 @@ def _model(num_classes: int = 3):
     """resnet8 with seeded random weights, made without its eager initialisers (slow to compile)."""
     abstract = nnx.eval_shape(lambda: create_model("resnet8", num_classes=num_classes))
     graphdef, params, stats = pretrained.split_state(abstract)
-    rng = np.random.default_rng(0)
-
-    def fill(path, s):
-        name = path[-1].key
-        if name == "kernel":  # He normal over the fan-in
-            value = rng.normal(0, np.sqrt(2.0 / np.prod(s.shape[:-1])), s.shape)
-        elif name in ("scale", "var"):
-            value = rng.uniform(0.5, 1.5, s.shape)
-        else:  # biases, running means
-            value = rng.normal(0, 0.1, s.shape)
-        return jnp.asarray(value, s.dtype)
-
-    params, stats = jax.tree_util.tree_map_with_path(fill, (params, stats))
+    params, stats = random_weights(params, stats, bias_std=0.1)
     return nnx.merge(graphdef, params, stats)
 
 
