@@ -16,11 +16,13 @@ from flax_resnet.training import split_model
 
 
 # --------------------------------------------------------------------------- harness
-def test_benchmark_cli_writes_json_with_the_documented_keys(tmp_path, capsys):
-    pytest.importorskip("torch")
+def test_benchmark_cli_writes_json_with_the_documented_keys(tmp_path, capsys, monkeypatch):
+    torch = pytest.importorskip("torch")
+    compiled = []  # inductor takes minutes on 2 cores: a stand-in that records what it was given
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
     out = tmp_path / "bench.json"
     rc = cli.main(["benchmark", "--model", "resnet8", "--batch", "8", "--steps", "2", "--repeats", "1",
-                   "--warmup", "1", "--compare-torch", "--output", str(out)])
+                   "--warmup", "1", "--compare-torch", "--torch-compile", "--output", str(out)])
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
     result = json.loads(out.read_text())
@@ -41,6 +43,26 @@ def test_benchmark_cli_writes_json_with_the_documented_keys(tmp_path, capsys):
     assert result["torch"]["memory_format"] == "channels_last"
     assert len(result["environment"]["load_average"]) == 3
     assert result["environment"]["native_conv"]["available"] == cpu.native.available()
+    # torch.compile is a third runner beside eager PyTorch, with its own result and ratios.
+    assert len(compiled) == 1 and result["torch"]["compiled"] is False
+    tc = result["variants"]["torch_compile"]
+    assert tc["result"]["compiled"] is True and tc["result"]["eval_compile_s"] > 0
+    for kind in ("train", "eval"):
+        assert tc["result"][kind]["images_per_sec"] > 0
+        assert tc["ratio"][kind] == pytest.approx(result[kind]["images_per_sec"] / tc["result"][kind]["images_per_sec"])
+
+
+def test_benchmark_times_eager_torch_when_torch_compile_fails(monkeypatch):
+    torch = pytest.importorskip("torch")
+
+    def no_compiler(model):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    r = benchmark.run_benchmark(benchmark.BenchmarkConfig(model="resnet8", batch=8, steps=1, repeats=1, warmup=0,
+                                                          eval=False, torch_compile=True))
+    assert r["variants"]["torch_compile"] == {"error": "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"}
+    assert r["torch"]["train"]["images_per_sec"] > 0 and r["ratio"]["train"] > 0
 
 
 def test_loop_overhead_runs_the_real_loop(digits_data_dir):

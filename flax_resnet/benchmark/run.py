@@ -19,7 +19,9 @@ decay), on a fixed synthetic batch, and reports as JSON:
 With ``compare_torch`` an equivalent PyTorch model (:mod:`flax_resnet.benchmark.torch_twin`,
 channels_last, ``torch.optim.SGD`` with the same momentum and kernel-only weight decay) runs
 in the same process, its repeats *interleaved* with ours (ours, theirs, ours, ...), so both
-see the same machine load; ``ratio`` is ours/theirs images/s (> 1: we are faster).
+see the same machine load; ``ratio`` is ours/theirs images/s (> 1: we are faster). With
+``torch_compile`` the same model under ``torch.compile`` is a third runner in that interleaving, its
+result and ratios in ``variants["torch_compile"]`` (or the error, where it does not compile).
 
 :func:`loop_overhead` measures the other half of the story: images/s through the real
 training loop (:func:`~flax_resnet.training.loop.train_and_evaluate`: data pipeline,
@@ -138,9 +140,17 @@ def run_benchmark(cfg: BenchmarkConfig, *, log: Callable[[str], None] = lambda s
         other = build_ours(dataclasses.replace(cfg, cpu_fast_path=False), size, num_classes)
         other.name = "flax_resnet[plain]"
         runners.append(other)
-    if cfg.compare_torch:
+    if cfg.compare_torch or cfg.torch_compile:
         log("building the PyTorch reference ...")
         runners.append(build_torch(cfg, size, num_classes))
+    compile_error = None
+    if cfg.torch_compile:
+        log("compiling the PyTorch reference with torch.compile ...")
+        try:
+            runners.append(build_torch(cfg, size, num_classes, compiled=True))
+        except Exception as e:  # noqa: BLE001 - inductor needs a working C++ toolchain on CPU
+            compile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            log(f"torch.compile failed, timing eager PyTorch only ({compile_error})")
     kinds = ["train"] + (["eval"] if cfg.eval else [])
     walls: dict[str, list[list[float]]] = {}
     cpus: dict[str, list[list[float]]] = {}
@@ -186,12 +196,17 @@ def run_benchmark(cfg: BenchmarkConfig, *, log: Callable[[str], None] = lambda s
         return {"result": res, "ratio": ratio}
 
     out["variants"] = {}
+    index = {r.name: i for i, r in enumerate(runners)}
     if cfg.compare_plain:
-        out["variants"]["plain"] = against(1)
+        out["variants"]["plain"] = against(index["flax_resnet[plain]"])
     out["torch"], out["ratio"] = None, None
-    if cfg.compare_torch:
-        t = against(len(runners) - 1)
+    if "torch" in index:
+        t = against(index["torch"])
         out["torch"], out["ratio"] = t["result"], t["ratio"]
+    if "torch.compile" in index:
+        out["variants"]["torch_compile"] = against(index["torch.compile"])
+    elif compile_error:
+        out["variants"]["torch_compile"] = {"error": compile_error}
     env_after = environment()
     out["environment"] = {**env_after, "load_average_before": env_before["load_average"]}
     return out
@@ -206,6 +221,8 @@ def format_summary(r: dict[str, Any]) -> str:
             s = f"  {kind}: {r[kind]['images_per_sec']:.1f} images/s ({r[kind]['step_ms']:.1f} ms/step)"
             s += f", {r[kind]['cpu_s_per_step']:.3f} CPU-s/step"
             for name, v in (r.get("variants") or {}).items():
+                if "error" in v:
+                    continue
                 s += (f"\n    {name}: {v['result'][kind]['images_per_sec']:.1f} images/s -> "
                       f"ours {v['ratio'][kind]:.2f}x (CPU time {v['ratio'][kind + '_cpu_time']:.2f}x)")
             if r.get("torch") and r["torch"].get(kind):

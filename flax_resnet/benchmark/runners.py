@@ -35,7 +35,8 @@ class BenchmarkConfig:
       warmup: untimed steps run first (after compilation).
       eval: also time the eval step.
       compare_torch: also time the PyTorch reference, interleaved with ours.
-      torch_compile: wrap the PyTorch model in ``torch.compile`` (for GPUs; slow to compile on CPU).
+      torch_compile: also time the PyTorch model under ``torch.compile`` (beside eager, interleaved;
+        implies ``compare_torch``). Slow to compile on CPU, and needs a C++ compiler there.
       in_channels, num_classes: input channels and classifier size (default: the model's).
       cpu_fast_path: on CPU, build the model from :mod:`flax_resnet.cpu`'s layers (as training does).
       compare_plain: also time our step built from the plain layers, interleaved.
@@ -163,8 +164,9 @@ def build_ours(cfg: BenchmarkConfig, size: int, num_classes: int) -> Runner:
     return Runner("flax_resnet", run_train, run_eval, info)
 
 
-def build_torch(cfg: BenchmarkConfig, size: int, num_classes: int) -> Runner:
-    """The PyTorch reference: same model, channels_last, SGD momentum 0.9 + kernel-only weight decay."""
+def build_torch(cfg: BenchmarkConfig, size: int, num_classes: int, *, compiled: bool = False) -> Runner:
+    """The PyTorch reference: same model, channels_last, SGD momentum 0.9 + kernel-only weight decay;
+    eager, or under ``torch.compile`` (``compiled``: its compilation is in ``compile_s``)."""
     import torch
 
     config = _train_config(cfg)
@@ -183,7 +185,7 @@ def build_torch(cfg: BenchmarkConfig, size: int, num_classes: int) -> Runner:
     x = torch.from_numpy(data["image"]).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last).to(device)
     y = torch.from_numpy(data["label"]).long().to(device)
     amp = cfg.dtype == "bfloat16"
-    fwd = torch.compile(model) if cfg.torch_compile else model
+    fwd = torch.compile(model) if compiled else model
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
     def autocast():
@@ -223,6 +225,10 @@ def build_torch(cfg: BenchmarkConfig, size: int, num_classes: int) -> Runner:
             return time.perf_counter() - t
 
     info = {"compile_s": compile_s, "version": torch.__version__, "threads": torch.get_num_threads(),
-            "compiled": bool(cfg.torch_compile), "amp_bfloat16": amp, "memory_format": "channels_last",
+            "compiled": compiled, "amp_bfloat16": amp, "memory_format": "channels_last",
             "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu"}
-    return Runner("torch", run_train, run_eval, info)
+    if compiled and run_eval is not None:  # eval mode is another graph: compile it here, not in a timed call
+        t0 = time.perf_counter()
+        run_eval(1)
+        info["eval_compile_s"] = time.perf_counter() - t0
+    return Runner("torch.compile" if compiled else "torch", run_train, run_eval, info)

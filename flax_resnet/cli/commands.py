@@ -244,7 +244,8 @@ def _add_benchmark(sub):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default 2)")
     p.add_argument("--no-eval", dest="eval", action="store_false", help="skip the eval step")
     p.add_argument("--compare-torch", action="store_true", help="also time the PyTorch reference, interleaved")
-    p.add_argument("--torch-compile", action="store_true", help="wrap the PyTorch model in torch.compile")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="also time the PyTorch model under torch.compile (beside eager, interleaved)")
     p.add_argument("--no-cpu-fast-path", dest="cpu_fast_path", action="store_false",
                    help="on CPU, build the model from the plain layers instead of flax_resnet.cpu's (as "
                         "--config.cpu_fast_path=false does for training); same parameters")
