@@ -35,7 +35,7 @@ def test_benchmark_cli_writes_json_with_the_documented_keys(tmp_path, capsys, mo
         assert len(result[kind]["repeats_images_per_sec"]) == 1
         assert result["torch"][kind]["images_per_sec"] > 0
         assert result["ratio"][kind] > 0 and result["ratio"][f"{kind}_paired_median"] > 0
-    assert result["compile_s"] > 0 and result["eval_compile_s"] > 0
+    assert result["compile_s"] > 0 and result["eval_compile_s"] > 0 and result["compile_cache"] in ("hit", "miss")
     assert result["flops"]["forward_per_image"] == forward_flops("resnet8", 32)  # from the layers' shapes
     assert result["flops"]["train_per_image"] == pytest.approx(3 * result["flops"]["forward_per_image"])
     assert result["flops"]["train_flops_per_sec"] > 0
@@ -50,6 +50,21 @@ def test_benchmark_cli_writes_json_with_the_documented_keys(tmp_path, capsys, mo
     for kind in ("train", "eval"):
         assert tc["result"][kind]["images_per_sec"] > 0
         assert tc["ratio"][kind] == pytest.approx(result[kind]["images_per_sec"] / tc["result"][kind]["images_per_sec"])
+
+
+def test_compile_cache_outcome_tells_a_load_from_a_compile():
+    import jax
+
+    from flax_resnet.benchmark.runners import CompilationCacheEvents
+
+    assert jax.config.jax_compilation_cache_dir  # the suite's own cache (conftest)
+    salt = float(np.random.default_rng().integers(1 << 30))  # a program no earlier run has cached
+    outcomes = []
+    for _ in range(2):
+        with CompilationCacheEvents() as cache:
+            jax.jit(lambda x: x * salt + 1.0).lower(jnp.ones(3)).compile()
+        outcomes.append(cache.outcome)
+    assert outcomes == ["miss", "hit"]
 
 
 def test_benchmark_times_eager_torch_when_torch_compile_fails(monkeypatch):

@@ -5,7 +5,10 @@ step training uses (:func:`flax_resnet.training.steps.jit_train_step` on a real
 :class:`~flax_resnet.training.state.TrainState` with the recipe's SGD + momentum + weight
 decay), on a fixed synthetic batch, and reports as JSON:
 
-* ``compile_s``: lowering + compiling the train step (and ``eval_compile_s``);
+* ``compile_s``: lowering + compiling the train step (and ``eval_compile_s``); ``compile_cache``
+  says whether that compile was a load from the persistent compilation cache (``"hit"``), which
+  the ``flax-resnet benchmark`` command turns on as ``train`` does: its second run of one
+  command times a cached restart (``FLAX_RESNET_NO_COMPILATION_CACHE=1``: always a compile);
 * ``train`` / ``eval``: steady-state images/s, the *median* over ``repeats`` timed
   repeats of ``steps`` steps each, after ``warmup`` untimed steps (plus every repeat's
   rate, so the spread is visible);
@@ -46,7 +49,7 @@ from flax_resnet.errors import UserError
 
 # The keys every result carries (tests check them; documented in the module docstring).
 RESULT_KEYS = ("model", "cpu_fast_path", "batch", "image_size", "in_channels", "num_classes", "dtype", "steps", "repeats",
-               "warmup", "device", "num_devices", "compile_s", "eval_compile_s", "train", "eval", "memory",
+               "warmup", "device", "num_devices", "compile_s", "eval_compile_s", "compile_cache", "train", "eval", "memory",
                "flops", "variants", "torch", "ratio", "environment")
 # Dense bfloat16 tensor-core peaks (vendor data sheets, no sparsity), matched against the
 # device name JAX reports; --peak-tflops overrides. CPUs have no entry (see BUILD_NOTES.md).
@@ -166,7 +169,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, log: Callable[[str], None] = lambda s
         "in_channels": cfg.in_channels, "num_classes": num_classes, "dtype": cfg.dtype, "steps": cfg.steps,
         "repeats": cfg.repeats, "warmup": cfg.warmup, "device": str(jax.devices()[0].device_kind),
         "num_devices": jax.device_count(), "compile_s": ours.info["compile_s"],
-        "eval_compile_s": ours.info.get("eval_compile_s"),
+        "eval_compile_s": ours.info.get("eval_compile_s"), "compile_cache": ours.info["compile_cache"],
     }
     for kind in ("train", "eval"):
         out[kind] = _timing(walls[kind][0], cpus[kind][0], cfg.batch, cfg.steps) if kind in kinds else None
@@ -215,7 +218,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, log: Callable[[str], None] = lambda s
 def format_summary(r: dict[str, Any]) -> str:
     """A few human-readable lines for a result of :func:`run_benchmark`."""
     lines = [f"{r['model']} batch {r['batch']} {r['image_size']}x{r['image_size']} {r['dtype']} on "
-             f"{r['num_devices']} x {r['device']}: compile {r['compile_s']:.1f}s"]
+             f"{r['num_devices']} x {r['device']}: compile {r['compile_s']:.1f}s (persistent cache {r['compile_cache']})"]
     for kind in ("train", "eval"):
         if r.get(kind):
             s = f"  {kind}: {r[kind]['images_per_sec']:.1f} images/s ({r[kind]['step_ms']:.1f} ms/step)"

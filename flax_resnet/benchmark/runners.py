@@ -117,6 +117,35 @@ def _memory_analysis(compiled) -> dict[str, Any]:
     return out
 
 
+class CompilationCacheEvents:
+    """Counts JAX's persistent-cache hits and misses while it is entered: whether a ``compile_s``
+    was a compilation or a load from the cache (``"hit"``, ``"miss"``, or ``"off"`` without one)."""
+
+    _counts: dict[str, int] = {}
+    _registered = False
+
+    def __enter__(self):
+        if not CompilationCacheEvents._registered:
+            jax.monitoring.register_event_listener(CompilationCacheEvents._record)
+            CompilationCacheEvents._registered = True
+        self.before = dict(self._counts)
+        return self
+
+    @classmethod
+    def _record(cls, event: str, **_) -> None:
+        if event.startswith("/jax/compilation_cache/cache_"):
+            cls._counts[event] = cls._counts.get(event, 0) + 1
+
+    def __exit__(self, *exc):
+        new = {k: v - self.before.get(k, 0) for k, v in self._counts.items()}
+        if not jax.config.jax_compilation_cache_dir:
+            self.outcome = "off"
+        elif new.get("/jax/compilation_cache/cache_misses", 0):
+            self.outcome = "miss"
+        else:
+            self.outcome = "hit" if new.get("/jax/compilation_cache/cache_hits", 0) else "miss"
+
+
 def build_ours(cfg: BenchmarkConfig, size: int, num_classes: int) -> Runner:
     """Our jitted train/eval steps on a real TrainState, compiled ahead of time (timed)."""
     config = _train_config(cfg)
@@ -129,11 +158,12 @@ def build_ours(cfg: BenchmarkConfig, size: int, num_classes: int) -> Runner:
     batch = parallel.shard_batch(_synthetic_batch(cfg, size, num_classes), mesh)
 
     t0 = time.perf_counter()
-    train_fn = steps.jit_train_step(mesh, graph=graph, tx=tx, learning_rate_fn=lr_fn, num_classes=num_classes,
-                                    compute_dtype=dtype).lower(state, batch).compile()
+    with CompilationCacheEvents() as cache:
+        train_fn = steps.jit_train_step(mesh, graph=graph, tx=tx, learning_rate_fn=lr_fn, num_classes=num_classes,
+                                        compute_dtype=dtype).lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    info: dict[str, Any] = {"compile_s": compile_s, "memory": _memory_analysis(train_fn),
-                            "cpu_fast_path": graph.cpu_fast_path}
+    info: dict[str, Any] = {"compile_s": compile_s, "compile_cache": cache.outcome,
+                            "memory": _memory_analysis(train_fn), "cpu_fast_path": graph.cpu_fast_path}
     holder = {"state": state}
 
     def run_train(n: int) -> float:

@@ -271,9 +271,10 @@ def _add_benchmark(sub):
 def _cmd_benchmark(args):
     import json
 
-    from flax_resnet import benchmark
+    from flax_resnet import benchmark, parallel
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    parallel.enable_compilation_cache()  # as `train` does: a second run times a cached restart
     batch = (64 if args.inference else 128) if args.batch is None else args.batch
     if args.inference:
         result = benchmark.run_inference_benchmark(
