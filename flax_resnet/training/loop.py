@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +35,10 @@ from flax_resnet.errors import TrainingDivergedError, UserError
 from flax_resnet.training import logging as run_logging
 from flax_resnet.training import optimizer, schedules, steps
 from flax_resnet.training.epoch import global_batches, report_epoch, train_epoch
-from flax_resnet.training.profiling import StepProfiler
+from flax_resnet.training.profiling import PhaseTimes, StepProfiler
 from flax_resnet.training.evaluation import eval_batch_size, eval_batches, evaluate_split, image_size, normalize
 from flax_resnet.training.restore import restore_model
+from flax_resnet.training.resume_checks import check_resumable as _check_resumable, info_dict
 from flax_resnet.training.state import (
     abstract_train_state, compute_dtype, count_params, create_train_state, ema_decay, model_graph, transfer_weights,
 )
@@ -62,13 +62,10 @@ class TrainSummary:
     wall_s: float
     images_per_sec: float
     preempted: bool = False  # stopped early by SIGTERM/SIGINT, after saving a checkpoint at ``steps``
+    eval_s: float = 0.0  # seconds spent evaluating, in all
+    checkpoint_s: float = 0.0  # seconds the loop waited on checkpoint saves (their writes overlap training)
     stop_signal: str = ""
     final_ema_top1: float = float("nan")  # the weights' EMA (config.ema_decay > 0)
-
-
-def _info_dict(info) -> dict[str, Any]:
-    d = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(vars(info))
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
 def format_config(config, indent: str = "  ") -> str:
@@ -86,42 +83,6 @@ def format_config(config, indent: str = "  ") -> str:
 
     walk(config.to_dict() if hasattr(config, "to_dict") else dict(config), indent)
     return "\n".join(lines)
-
-
-# Fields that change the shapes or meaning of the saved state: a resumed run must keep them.
-_RESUME_KEYS = ("model", "model_kwargs", "dataset", "optimizer", "momentum", "nesterov", "seed",
-                # fine-tuning: the optimiser's parameter groups (state structure) and BN mode
-                "freeze_backbone", "backbone_lr_mult", "unfreeze_epochs")
-
-
-def _bn_mode(config) -> str:
-    """What ``freeze_bn_stats`` does for ``config`` (a dict or ConfigDict): ``all``, ``none`` or
-    ``with-groups``; so a run saved with ``False`` (the old default) resumes under ``None``."""
-    setting = optimizer.freeze_bn_setting(config)
-    if setting is None:
-        follows = config.get("freeze_backbone", False) or tuple(config.get("unfreeze_epochs", ()) or ())
-        return "with-groups" if follows else "none"
-    return "all" if setting else "none"
-
-
-def _check_resumable(saved: dict, saved_meta: dict, config, info, workdir) -> None:
-    """Raises a :class:`UserError` naming every key where ``workdir``'s checkpoint differs from ``config``."""
-    now = json.loads(json.dumps(config.to_dict()))  # as saved: tuples become lists
-    diff = [(k, saved[k], now.get(k)) for k in _RESUME_KEYS if k in saved and saved[k] != now.get(k)]
-    if _bn_mode(saved) != _bn_mode(now):  # which BatchNorms keep their statistics
-        diff.append(("freeze_bn_stats", saved.get("freeze_bn_stats"), now.get("freeze_bn_stats")))
-    for key in ("grad_clip_norm", "ema_decay"):  # on/off changes the state's structure; the value may change
-        if bool(saved.get(key)) != bool(now.get(key)):
-            diff.append((key, saved.get(key, 0.0), now.get(key)))
-    saved_info = saved_meta.get("dataset_info") or {}
-    for key, current in (("num_classes", int(info.num_classes)), ("in_channels", int(info.image_shape[-1]))):
-        was = saved_info.get(key) if key == "num_classes" else (saved_info.get("image_shape") or [None])[-1]
-        if was is not None and int(was) != current:
-            diff.append((key, int(was), current))
-    if diff:
-        what = ", ".join(f"{k}={a!r} (now {b!r})" for k, a, b in diff)
-        raise UserError(f"{workdir} holds a run with {what}; resume with the same settings or pass a fresh --workdir "
-                        f"(to start from its weights with a new head, fine-tune into a fresh workdir)")
 
 
 def _check_workdir(workdir: Path) -> None:
@@ -219,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         num_classes, in_channels = int(info.num_classes), int(info.image_shape[-1])
         dtype = compute_dtype(config)
         config_dict = config.to_dict()
-        meta = {"dataset_info": _info_dict(info)}
+        meta = {"dataset_info": info_dict(info)}
 
         say(f"config:\n{format_config(config)}")
         say(parallel.describe(mesh))
@@ -300,7 +261,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             position = data_position()
             if position.get("step") != n:  # the iterator is pulled on demand, so this is a bug
                 raise RuntimeError(f"data iterator at batch {position.get('step')} but state at step {n}")
-            ckpt.save(n, st, position, config_dict, save_meta, force=force)
+            with times("checkpoints"):
+                ckpt.save(n, st, position, config_dict, save_meta, force=force)
 
         best_top1, best_epoch = ckpt.best_metric() or 0.0, 0
         by_ema = config.get("best_metric", "test_top1") == "ema_test_top1"
@@ -308,6 +270,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
 
         def evaluate(st) -> dict:
             """Test metrics of ``st``'s weights, with its EMA's under ``"ema"`` when it has one."""
+            with times("eval"):
+                return _evaluate(st)
+
+        def _evaluate(st) -> dict:
             ev = evaluate_split(eval_fn, st, eval_batches(config, info, eval_bs, uint8=True), mesh)
             if st.ema is not None:
                 ev["ema"] = evaluate_split(eval_fn, st.ema_weights(), eval_batches(config, info, eval_bs, uint8=True),
@@ -315,7 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             return ev
 
         final: dict[str, float] = {}
-        compile_s, rates = 0.0, []
+        compile_s, rates, times = 0.0, [], PhaseTimes()
         batches = None
         stopped = False
         if step < total_steps:
@@ -351,19 +317,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             save(state, step, epoch_meta, force=True)
             if score(final) > best_top1:
                 best_top1, best_epoch = score(final), epoch + 1
-                ckpt.save_best(step, state, data_position(), config_dict, epoch_meta, score(final))
+                with times("checkpoints"):
+                    ckpt.save_best(step, state, data_position(), config_dict, epoch_meta, score(final))
             if on_epoch_end is not None:
                 ckpt.wait()
                 on_epoch_end(epoch + 1, {**record, "step": step, "best_top1": best_top1})
         if not final and not stopped:  # nothing left to train (a finished run): just report
             final = evaluate(state)
-        ckpt.wait()
+        with times("checkpoints"):
+            ckpt.wait()
     run_logging.plot_curves(workdir, title=f"{config.model} on {info.name}")
     wall = time.perf_counter() - t_start
     ips = float(np.median(rates[1:] if len(rates) > 1 else rates)) if rates else 0.0
     final = final or {"top1": float("nan"), "loss": float("nan"), **({"ema": {"top1": float("nan")}} if by_ema else {})}
     if not stopped:
-        timing = (f"{step - start_step} steps in {wall:.1f}s (compile {compile_s:.1f}s, ~{ips:.0f} images/s)"
+        timing = (f"{step - start_step} steps in {wall:.1f}s (compile {compile_s:.1f}s, eval {times['eval']:.1f}s, "
+                  f"checkpoints {times['checkpoints']:.1f}s, ~{ips:.0f} images/s)"
                   if step > start_step else f"training was already complete at step {step}")
         say(f"final test top-1 {100 * final['top1']:.2f}% (loss {final['loss']:.4f}"
             + (f"; EMA {100 * final['ema']['top1']:.2f}%" if "ema" in final else "") + "); "
@@ -373,6 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         workdir=str(workdir), steps=step, epochs=num_epochs, final_top1=final["top1"], final_loss=final["loss"],
         best_top1=max(best_top1, score(final)) if not stopped else best_top1, best_epoch=best_epoch,
         compile_s=compile_s, wall_s=wall, images_per_sec=ips, preempted=stopped, stop_signal=guard.signal_name,
+        eval_s=times["eval"], checkpoint_s=times["checkpoints"],
         final_ema_top1=final["ema"]["top1"] if "ema" in final else float("nan"),
     )
 

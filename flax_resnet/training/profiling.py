@@ -1,4 +1,4 @@
-"""``config.profile_steps``: a ``jax.profiler`` trace of a few train steps, for TensorBoard.
+"""``config.profile_steps``: a ``jax.profiler`` trace of a few train steps, for TensorBoard; :class:`PhaseTimes`.
 
 ``"A,B"`` traces the steps that take the state from step ``A`` to step ``B`` (global step
 numbers, as in metrics.jsonl); ``"N"`` traces ``N`` steps starting one step after the run
@@ -10,7 +10,9 @@ Each step is marked with ``jax.profiler.StepTraceAnnotation`` so the step view l
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import time
 from pathlib import Path
 
 import jax
@@ -48,3 +50,18 @@ class StepProfiler:
         if self.active:
             self.active = False
             jax.profiler.stop_trace()
+
+
+class PhaseTimes(collections.defaultdict):
+    """Seconds spent in each named phase of a run (``eval``, ``checkpoints``): ``with times("eval"): ...``."""
+
+    def __init__(self):
+        super().__init__(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] += time.perf_counter() - t0
