@@ -89,6 +89,54 @@ def test_loop_overhead_runs_the_real_loop(digits_data_dir):
     assert len(r["loop_interval_images_per_sec"]) == 2  # one train record per logged interval
 
 
+def test_job_race_times_both_jobs_and_both_learn(digits_data_dir, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setenv("XLA_FLAGS", "")  # the jobs on one device, as a user runs them
+    out = tmp_path / "job.json"
+    rc = cli.main(["benchmark", "--job", "--model", "resnet8", "--job-epochs", "1", "--repeats", "1", "--no-job-warmup",
+                   "--data-dir", str(digits_data_dir), "--job-dir", str(tmp_path / "race"), "--output", str(out),
+                   "--config.warmup_epochs=0"])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert set(benchmark.JOB_KEYS) <= set(r) and "ours/PyTorch" in capsys.readouterr().err
+    assert r["model"] == "resnet8" and r["epochs"] == 1 and r["steps"] == 22 and r["repeats"] == 1
+    for side in ("ours", "torch"):
+        assert len(r[side]["runs"]) == 1 and r[side]["wall_s"] > 0
+        assert r[side]["final_top1"][0] > 0.15  # both trained: above chance (0.1) after 22 steps
+        assert r[side]["breakdown"]["start_to_first_step_s"] > 0 and r[side]["breakdown"]["first_epoch_s"] > 0
+    b = r["ours"]["breakdown"]
+    assert 0 < b["start_to_model_s"] < b["start_to_first_step_s"] < r["ours"]["wall_s"]
+    assert b["eval_total_s"] > 0 and b["checkpoint_total_s"] > 0 and b["exit_s"] >= 0
+    assert r["ratio"] == pytest.approx(r["ours"]["wall_s"] / r["torch"]["wall_s"])
+    assert (tmp_path / "race" / "ours_run0" / "checkpoints").is_dir()  # our job kept its outputs
+
+
+def test_torch_job_trains_our_stream_on_the_twin(digits_data_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    from flax_resnet import data
+    from flax_resnet.benchmark import job, torch_job
+    from flax_resnet.configs import load_config
+
+    config = load_config("digits_resnet20", ["--config.model=resnet8", f"--config.data_dir={digits_data_dir}"])
+    _, spec = job.write_torch_spec(config, tmp_path)
+    arrays = np.load(spec["data"])
+    it = data.train_iterator("digits", batch_size=64, seed=0, data_dir=str(digits_data_dir), uint8=True)
+    for step in (0, 1, spec["steps_per_epoch"] + 3):  # a later epoch's permutation too
+        while it.step < step:
+            next(it)
+        want = next(it)
+        x, y = torch_job.train_batch(arrays["train_images"], arrays["train_labels"], step, seed=0, batch=64,
+                                     pad=spec["pad"])
+        np.testing.assert_array_equal(x, want["image"])
+        np.testing.assert_array_equal(y, want["label"])
+    it.close()
+    twin = torch_twin.create_torch_model("resnet8", num_classes=10, in_channels=1)
+    model = torch_job.build_model(spec)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in twin.state_dict().items()}
+    assert torch_job.lr_factor(0, 22, 220) == 0 and torch_job.lr_factor(22, 22, 220) == 1
+    assert torch_job.lr_factor(220, 22, 220) == pytest.approx(0) and isinstance(model, torch.nn.Module)
+
+
 def test_benchmark_rejects_bad_arguments(capsys):
     assert cli.main(["benchmark", "--model", "resnet5"]) == 2
     assert "unknown model" in capsys.readouterr().err

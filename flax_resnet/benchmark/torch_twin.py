@@ -27,7 +27,7 @@ from flax_resnet import pretrained
 from flax_resnet.errors import UserError
 from flax_resnet.models import get_spec
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet", "create_torch_model", "load_flax_weights"]
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "create_torch_model", "load_flax_weights", "twin_arguments"]
 
 
 def _torch():
@@ -195,3 +195,15 @@ def load_flax_weights(torch_model, params, batch_stats) -> None:
     sd = {k: torch.from_numpy(np.array(v)) for k, v in pretrained.to_torch_state_dict(params, batch_stats).items()}
     sd = {k: v.to(own[k].dtype) if k in own else v for k, v in sd.items()}
     torch_model.load_state_dict(sd, strict=True)
+
+
+def twin_arguments(name: str) -> dict[str, Any]:
+    """The :class:`ResNet` arguments of registered model ``name`` but its class count and input
+    channels, as JSON (``block`` is ``"basic"`` or ``"bottleneck"``): what
+    :func:`create_torch_model` passes, for a process that builds the twin without this package."""
+    kw = get_spec(name).kwargs
+    if kw.get("block") not in ("basic", "bottleneck") or kw.get("stem", "imagenet") not in ("imagenet", "cifar"):
+        raise UserError(f"no PyTorch reference for {name!r}")
+    return {"block": kw["block"], "layers": list(kw["layers"]), "groups": kw.get("groups", 1),
+            "width_per_group": kw.get("base_width", 64), "stem": kw.get("stem", "imagenet"),
+            "widths": list(kw["widths"]), "stem_width": kw.get("stem_width", 64), "shortcut": kw.get("shortcut", "B")}

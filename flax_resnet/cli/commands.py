@@ -232,15 +232,17 @@ def _add_benchmark(sub):
                     "--compare-torch times the same network in PyTorch (channels_last, same SGD) with "
                     "its repeats interleaved with ours and reports the ratio. JSON goes to stdout "
                     "(and --output), a summary to stderr.")
-    p.add_argument("--model", default="resnet20", help="a registered model (default resnet20)")
+    p.add_argument("--model", default=None, help="a registered model (default resnet20; --job: the recipe's)")
     p.add_argument("--batch", type=int, default=None,
-                   help="global batch size (default 128; with --inference the throughput batch, default 64)")
+                   help="global batch size (default 128; with --inference the throughput batch, default 64; "
+                        "--job: the recipe's)")
     p.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
                    help="square input side (default: the model's)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype; parameters stay float32 (bfloat16 = PyTorch autocast for --compare-torch)")
     p.add_argument("--steps", type=int, default=10, help="steps per timed repeat (default 10)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default 5)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats; the median is reported (default 5; --job: 2 pairs of runs)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default 2)")
     p.add_argument("--no-eval", dest="eval", action="store_false", help="skip the eval step")
     p.add_argument("--compare-torch", action="store_true", help="also time the PyTorch reference, interleaved")
@@ -264,8 +266,19 @@ def _add_benchmark(sub):
                         "export in onnxruntime and PyTorch eager, interleaved")
     p.add_argument("--latency-calls", type=int, default=200, metavar="N",
                    help="--inference: timed batch-1 calls per engine (default 200)")
+    p.add_argument("--job", action="store_true",
+                   help="instead: the main job end to end, `flax-resnet train` (wall time from spawn to exit, "
+                        "fresh workdir, warm compilation cache) against a plain PyTorch loop of the same data, "
+                        "network and recipe, alternately")
+    p.add_argument("--job-config", default="digits_resnet20", metavar="NAME",
+                   help="--job: the recipe (default digits_resnet20)")
+    p.add_argument("--job-epochs", type=int, default=None, metavar="N", help="--job: epochs (default: the recipe's)")
+    p.add_argument("--job-dir", default=None, metavar="DIR", help="--job: keep the workdirs and timed logs here")
+    p.add_argument("--no-job-warmup", dest="job_warmup", action="store_false",
+                   help="--job: no untimed run of each job first (ours then compiles unless the cache holds it)")
+    p.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None, help="--job: TFDS data directory")
     p.add_argument("--output", default=None, metavar="FILE", help="also write the JSON here")
-    p.set_defaults(func=_cmd_benchmark)
+    p.set_defaults(func=_cmd_benchmark, accepts_overrides=True)  # --job: --config.FIELD=VALUE for both jobs
 
 
 def _cmd_benchmark(args):
@@ -276,20 +289,29 @@ def _cmd_benchmark(args):
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     parallel.enable_compilation_cache()  # as `train` does: a second run times a cached restart
     batch = (64 if args.inference else 128) if args.batch is None else args.batch
-    if args.inference:
+    model = args.model or "resnet20"
+    repeats = args.repeats if args.repeats is not None else (2 if args.job else 5)
+    if args.overrides and not args.job:
+        raise UserError(f"{args.overrides[0]}: --config.FIELD=VALUE overrides apply to --job only")
+    if args.job:
+        result = benchmark.run_job_race(args.job_config, model=args.model, batch=args.batch, epochs=args.job_epochs,
+                                        data_dir=args.data_dir, repeats=repeats, warmup=args.job_warmup,
+                                        keep_dir=args.job_dir, overrides=args.overrides, log=log)
+        log(benchmark.format_job_summary(result))
+    elif args.inference:
         result = benchmark.run_inference_benchmark(
-            args.model, image_size=args.image_size, batch=batch, latency_calls=args.latency_calls,
-            steps=args.steps, repeats=args.repeats, in_channels=args.in_channels, num_classes=args.num_classes,
+            model, image_size=args.image_size, batch=batch, latency_calls=args.latency_calls,
+            steps=args.steps, repeats=repeats, in_channels=args.in_channels, num_classes=args.num_classes,
             cpu_fast_path=args.cpu_fast_path, log=log)
         log(benchmark.format_inference_summary(result))
     elif args.loop:
-        result = benchmark.loop_overhead(model=args.model, batch=batch, steps=args.steps * args.repeats,
+        result = benchmark.loop_overhead(model=model, batch=batch, steps=args.steps * repeats,
                                          synthetic_train_images=args.loop_train_images, log=log)
         log(benchmark.format_loop_summary(result))
     else:
         cfg = benchmark.BenchmarkConfig(
-            model=args.model, batch=batch, image_size=args.image_size, dtype=args.dtype, steps=args.steps,
-            repeats=args.repeats, warmup=args.warmup, eval=args.eval, compare_torch=args.compare_torch,
+            model=model, batch=batch, image_size=args.image_size, dtype=args.dtype, steps=args.steps,
+            repeats=repeats, warmup=args.warmup, eval=args.eval, compare_torch=args.compare_torch,
             torch_compile=args.torch_compile, in_channels=args.in_channels, num_classes=args.num_classes,
             cpu_fast_path=args.cpu_fast_path, compare_plain=args.compare_plain,
             peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None)
