@@ -6,6 +6,10 @@
     python experiments/cpu_probes.py batchnorm --model resnet20 --batch 128
                                                     # BatchNorm: our backward vs NNX's autodiff vs no statistics (bound), A/B
     python experiments/cpu_probes.py native         # fwd and dW alone: XLA's vs the native kernels', GFLOP/s
+    python experiments/cpu_probes.py onednn --dtype float32
+                                                    # every ResNet-20/50 conv alone: XLA vs native vs oneDNN, ms
+    python experiments/cpu_probes.py onednn-steps --model resnet50 --batch 16 --dtype float32
+                                                    # our train/eval steps with oneDNN serving kxk, 1x1 convs (A/B)
     python experiments/cpu_probes.py layers         # ResNet-50's kxk convolutions one by one: fwd, dx, dW, totals
     python experiments/cpu_probes.py winograd       # 3x3 convs by Winograd F(2x2,3x3) vs XLA's own (tried, dropped)
     python experiments/cpu_probes.py reduction      # BatchNorm statistics under three YNNPACK fusion lists
@@ -47,10 +51,15 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="probe", required=True)
     sub.add_parser("convs", help="3x3 convolution GFLOP/s")
     sub.add_parser("native", help="forward and kernel gradient alone: XLA's vs the native kernels'")
+    q = sub.add_parser("onednn", help="every ResNet-20/50 convolution alone: XLA's vs native vs oneDNN")
+    q.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    q.add_argument("--models", nargs="*", default=("resnet20", "resnet50"))
+    q.add_argument("--batch", type=int, default=16, help="ResNet-50's batch")
+    q.add_argument("--repeats", type=int, default=7)
     sub.add_parser("layers", help="ResNet-50's kxk convolutions one by one")
     sub.add_parser("winograd", help="3x3 convolutions by Winograd F(2x2,3x3) vs XLA's own")
     sub.add_parser("reduction", help="BatchNorm statistics vs YNNPACK fusion lists")
-    for name in ("profile", "conditioning", "fusions", "weightgrads", "batchnorm", "faults"):
+    for name in ("profile", "conditioning", "fusions", "weightgrads", "batchnorm", "faults", "onednn-steps"):
         q = sub.add_parser(name)
         q.add_argument("--model", default="resnet20")
         q.add_argument("--batch", type=int, default=8 if name == "conditioning" else 128)
@@ -60,7 +69,10 @@ def main(argv=None) -> int:
             q.add_argument("--steps", type=int, default=2)
         if name == "faults":
             q.add_argument("--steps", type=int, default=10, help="steps measured one by one")
-        if name in ("fusions", "weightgrads", "batchnorm"):
+        if name == "onednn-steps":
+            q.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+            q.add_argument("--variants", nargs="*", default=list(steps.ONEDNN_TABLES), choices=list(steps.ONEDNN_TABLES))
+        if name in ("fusions", "weightgrads", "batchnorm", "onednn-steps"):
             q.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
             q.add_argument("--repeats", type=int, default=3)
         if name == "fusions":
@@ -69,10 +81,10 @@ def main(argv=None) -> int:
             q.add_argument("--options", nargs="*", default=(), metavar="NAME=VALUE[+NAME=VALUE]",
                            help="more variants: our fusion list plus these XLA:CPU compiler options")
     args = p.parse_args(argv)
-    {"convs": ops.convs, "native": ops.native_ops, "layers": ops.layers, "winograd": ops.winograd,
+    {"convs": ops.convs, "native": ops.native_ops, "onednn": ops.onednn_ops, "layers": ops.layers, "winograd": ops.winograd,
      "reduction": ops.reduction, "profile": steps.profile, "conditioning": numerics.conditioning,
      "fusions": steps.fusions, "weightgrads": steps.weightgrads, "batchnorm": steps.batchnorm,
-     "faults": steps.faults}[args.probe](args)
+     "faults": steps.faults, "onednn-steps": steps.onednn_steps}[args.probe](args)
     return 0
 
 

@@ -25,6 +25,12 @@ HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the native kernels cannot be built")
 
 
+@pytest.fixture(autouse=True)
+def no_onednn(monkeypatch):
+    """These tests count and compare the native kernels' calls: oneDNN (tests/test_onednn.py) stays out."""
+    monkeypatch.setattr(cpu.onednn, "SERVES", {})
+
+
 def _lax(x, k, stride, pads):
     return jax.lax.conv_general_dilated(x, k, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 

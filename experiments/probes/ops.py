@@ -189,3 +189,60 @@ def reduction(args) -> None:
             stats = jax.jit(lambda x: (jnp.mean(x, (0, 1, 2)), jnp.mean(x * x, (0, 1, 2))), compiler_options=opts)
             line.append(f"{name} {_best_ms(stats, x):.2f} ms")
         print(" ".join(line), flush=True)
+
+
+# Every convolution shape of ResNet-20 (batch 128) and ResNet-50 (batch 16 @224; --batch scales
+# the latter): N, H=W in, Cin, Cout, k, stride.
+RESNET20_CONVS = ((128, 32, 16, 16, 3, 1), (128, 32, 16, 32, 3, 2), (128, 16, 32, 32, 3, 1), (128, 16, 32, 64, 3, 2),
+                  (128, 8, 64, 64, 3, 1))
+RESNET50_CONVS = ((16, 224, 3, 64, 7, 2), (16, 56, 64, 64, 3, 1), (16, 56, 128, 128, 3, 2), (16, 28, 128, 128, 3, 1),
+                  (16, 28, 256, 256, 3, 2), (16, 14, 256, 256, 3, 1), (16, 14, 512, 512, 3, 2), (16, 7, 512, 512, 3, 1),
+                  (16, 56, 64, 256, 1, 1), (16, 56, 256, 64, 1, 1), (16, 56, 256, 128, 1, 1), (16, 28, 128, 512, 1, 1),
+                  (16, 28, 512, 128, 1, 1), (16, 14, 256, 1024, 1, 1), (16, 14, 1024, 256, 1, 1),
+                  (16, 7, 512, 2048, 1, 1), (16, 7, 2048, 512, 1, 1), (16, 56, 256, 512, 1, 2))
+
+
+def onednn_ops(args) -> None:
+    """Each convolution of ResNet-20 and ResNet-50 alone, ms per call: forward, input gradient (dx) and
+    kernel gradient (dW) by XLA's paths (our formulations without custom calls), the native kernels
+    (where they take the shape) and oneDNN, in ``args.dtype``."""
+    if not cpu.onednn.available():
+        raise RuntimeError(f"oneDNN unavailable: {cpu.onednn.status()['error']}")
+    dt, opts = jnp.dtype(args.dtype), cpu.COMPILER_OPTIONS
+    shapes = [s for s in RESNET20_CONVS if "resnet20" in args.models]
+    shapes += [(args.batch, *s[1:]) for s in RESNET50_CONVS if "resnet50" in args.models]
+    for n, h, cin, cout, k, stride in shapes:
+        pad, pads = k // 2, ((k // 2,) * 2,) * 2
+        x = jax.random.normal(jax.random.key(0), (n, h, h, cin), dt)
+        w = (jax.random.normal(jax.random.key(1), (k, k, cin, cout)) * 0.05).astype(dt)
+        ho = (h + 2 * pad - k) // stride + 1
+        g = jax.random.normal(jax.random.key(2), (n, ho, ho, cout), dt)
+        fns = {}
+        with cpu.native.enabled(False):  # XLA's paths: no custom call traced in
+            if k == 1:
+                fns["fwd XLA"] = (lambda x, w: cpu_convs.conv1x1(x, w, stride), x, w)
+                vjp = lambda x, w, g: jax.vjp(lambda x, w: cpu_convs.conv1x1(x, w, stride), x, w)[1](g)  # noqa: E731
+                fns["dx XLA"] = (lambda g, w: vjp(x, w, g)[0], g, w)
+                fns["dW XLA"] = (lambda x, g: vjp(x, w, g)[1], x, g)
+            else:
+                fns["fwd XLA"] = (lambda x, w: cpu_convs.xla_conv(x, w, stride, pad), x, w)
+                fns["dx XLA"] = (lambda g, w: cpu_convs.conv_input_grad(x, g, w, stride, pad), g, w)
+                fns["dW XLA"] = (lambda x, g: cpu_convs.conv_weight_grad(x, g, w.shape, stride, pad), x, g)
+            fns = {name: (jax.jit(f, compiler_options=opts), a, b) for name, (f, a, b) in fns.items()}
+        if k > 1 and cpu.native.supports(x.shape, w.shape, x.dtype, w.dtype):
+            fns["fwd native"] = (jax.jit(lambda x, w: cpu_convs.conv2d(x, w, stride, pads)), x, w)
+            if stride == 1:
+                fns["dx native"] = (jax.jit(lambda g, w: cpu_convs.conv_input_grad(x, g, w, stride, pad),
+                                            compiler_options=opts), g, w)
+        if k > 1 and cpu.native.supports(x.shape, w.shape, x.dtype, w.dtype, op="wgrad"):
+            fns["dW native"] = (jax.jit(lambda x, g: cpu.native.conv_wgrad(x, g, (k, k), stride, pads)), x, g)
+        fns["fwd oneDNN"] = (jax.jit(lambda x, w: cpu.onednn.conv_forward(x, w, stride, pads)), x, w)
+        if cin > 3:
+            fns["dx oneDNN"] = (jax.jit(lambda g, w: cpu.onednn.conv_bwd_data(g, w, x.shape, stride, pads)), g, w)
+        else:
+            del fns["dx XLA"]
+        fns["dW oneDNN"] = (jax.jit(lambda x, g: cpu.onednn.conv_bwd_weights(x, g, (k, k), stride, pads)), x, g)
+        times = {name: _best_ms(f, a, b, repeats=args.repeats) for name, (f, a, b) in sorted(fns.items())}
+        gflop = 2 * n * ho * ho * cin * cout * k * k / 1e9
+        print(f"{k}x{k}/{stride} {cin}->{cout} @{h} b{n} {dt.name} ({gflop:.2f} GFLOP), ms: "
+              + "; ".join(f"{name} {t:.2f}" for name, t in times.items()), flush=True)

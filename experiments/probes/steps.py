@@ -70,13 +70,30 @@ def _patch(module, args, variants: dict, what: str) -> None:
                      for name, patches in variants.items()}, what)
 
 
+_KXK, _ALL = ("kxk",), ("kxk", "1x1")
+ONEDNN_TABLES = {  # variant -> oneDNN's SERVES for every dtype
+    "off": {},
+    "kxk": {"forward": _KXK, "bwd_data": _KXK, "bwd_weights": _KXK},
+    "kxk+1x1 dW": {"forward": _KXK, "bwd_data": _KXK, "bwd_weights": _ALL},
+    "all": {"forward": _ALL, "bwd_data": _ALL, "bwd_weights": _ALL},
+}
+
+
+def onednn_steps(args) -> None:
+    """Our train and eval steps with oneDNN serving each listed set of convolutions (A/B)."""
+    tables = {name: {dt: ONEDNN_TABLES[name] for dt in ("float32", "bfloat16")} for name in args.variants}
+    _ab_steps(args, {name: (lambda t=t: mock.patch.object(cpu.onednn, "SERVES", t)) for name, t in tables.items()},
+              f"{args.dtype} oneDNN", evaluate=True)
+
+
 def _ab_steps(args, contexts: dict, what: str, *, evaluate: bool = False) -> None:
     """Our real train (and eval) steps traced and compiled inside each variant's context (name ->
     context-manager factory), their repeats interleaved; one line per variant."""
     runners = {}
     for name, context in contexts.items():
         with context():
-            cfg = BenchmarkConfig(model=args.model, batch=args.batch, eval=evaluate)
+            cfg = BenchmarkConfig(model=args.model, batch=args.batch, eval=evaluate,
+                                  dtype=getattr(args, "dtype", "float32"))
             runners[name] = build_ours(cfg, _image_size(args), 10)  # traced and compiled here
     for name, (train, evaluation) in _interleaved(runners, args).items():
         print(f"{args.model} batch {args.batch} {what} {name}: train {train:.2f} images/s"

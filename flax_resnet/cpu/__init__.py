@@ -28,7 +28,7 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from flax_resnet.cpu import native, xla
+from flax_resnet.cpu import native, onednn, xla
 from flax_resnet.cpu.allocator import ENV_NO_MALLOC_TUNING, host_allocator_tuned, tune_host_allocator
 from flax_resnet.cpu.fast_layers import FastBatchNorm, FastConv
 from flax_resnet.cpu.xla import COMPILER_OPTIONS, compiler_options
@@ -76,5 +76,5 @@ def jit(fn: Callable, *, mesh: jax.sharding.Mesh | None = None, compiler_options
 
 
 __all__ = ["COMPILER_OPTIONS", "ENV_NO_MALLOC_TUNING", "FastBatchNorm", "FastConv", "compiler_options", "create_model",
-           "host_allocator_tuned", "jit", "layers", "native", "tune_host_allocator", "uses_fast_layers",
+           "host_allocator_tuned", "jit", "layers", "native", "onednn", "tune_host_allocator", "uses_fast_layers",
            "with_native_convs"]

@@ -19,6 +19,9 @@ Where :mod:`flax_resnet.cpu.native` serves the shape (float32, 8-256 channels; k
 the forward convolution, the stride-1 input gradient (a forward convolution of g with the
 flipped kernel), the sub-pixel parts and the kernel gradient run as its direct CPU kernels
 instead of XLA's convolutions, which reach well under half of the FMA peak at these widths.
+Where oneDNN is installed (:mod:`flax_resnet.cpu.onednn`), the operations and kinds of kernel
+its ``SERVES`` table lists go to oneDNN's primitives first (the custom-VJP rules pick them; the
+functions above stay the XLA/native formulations).
 """
 
 from __future__ import annotations
@@ -28,12 +31,19 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from flax_resnet.cpu import native
+from flax_resnet.cpu import native, onednn
+
+
+def _sym(pad: int):
+    return ((pad, pad), (pad, pad))
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, pads) -> jax.Array:
-    """NHWC x HWIO convolution with zero ``pads = ((top, bottom), (left, right))``: the native CPU
-    kernel where :func:`native.supports` the shape, else ``lax.conv_general_dilated``."""
+    """NHWC x HWIO convolution with zero ``pads = ((top, bottom), (left, right))``: oneDNN's or the
+    native CPU kernel where :func:`onednn.supports` / :func:`native.supports` the shape, else
+    ``lax.conv_general_dilated``."""
+    if onednn.supports(x.shape, kernel.shape, x.dtype, "forward", stride, pads) and x.dtype == kernel.dtype:
+        return onednn.conv_forward(x, kernel, stride, pads)
     if native.supports(x.shape, kernel.shape, x.dtype, kernel.dtype):
         return native.conv_forward(x, kernel, stride, pads)
     return _lax_conv(x, kernel, stride, pads)
@@ -125,15 +135,29 @@ def _stride2_input_grad(g: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def _conv_kxk_bwd(stride, pad, res, g):
     x, kernel = res
-    dx = conv_input_grad(x, g, kernel, stride, pad)
-    return dx, conv_weight_grad(x, g, kernel.shape, stride, pad).astype(kernel.dtype)
+    pads = _sym(pad)
+    if onednn.supports(x.shape, kernel.shape, g.dtype, "bwd_data", stride, pads) and g.dtype == kernel.dtype:
+        dx = onednn.conv_bwd_data(g, kernel, x.shape, stride, pads)
+    else:
+        dx = conv_input_grad(x, g, kernel, stride, pad)
+    if onednn.supports(x.shape, kernel.shape, x.dtype, "bwd_weights", stride, pads) and x.dtype == g.dtype:
+        dw = onednn.conv_bwd_weights(x, g, kernel.shape[:2], stride, pads)
+    else:
+        dw = conv_weight_grad(x, g, kernel.shape, stride, pad)
+    return dx, dw.astype(kernel.dtype)
 
 
 conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
 
 
+def _onednn_1x1(x_shape, kernel2d, dtype, op: str) -> bool:
+    return onednn.supports(x_shape, (1, 1, *kernel2d.shape), dtype, op) and kernel2d.dtype == dtype
+
+
 @jax.custom_vjp
 def _matmul_1x1(x: jax.Array, kernel2d: jax.Array) -> jax.Array:
+    if _onednn_1x1(x.shape, kernel2d, x.dtype, "forward"):
+        return onednn.conv_forward(x, kernel2d[None, None], 1, _sym(0))
     return jax.lax.dot_general(x, kernel2d, (((3,), (0,)), ((), ())))
 
 
@@ -144,7 +168,12 @@ def _matmul_1x1_fwd(x, kernel2d):
 def _matmul_1x1_bwd(res, g):
     x, kernel2d = res
     cin, cout = kernel2d.shape
-    dx = jax.lax.dot_general(g, kernel2d, (((3,), (1,)), ((), ())))
+    if _onednn_1x1(x.shape, kernel2d, g.dtype, "bwd_data"):
+        dx = onednn.conv_bwd_data(g, kernel2d[None, None], x.shape, 1, _sym(0))
+    else:
+        dx = jax.lax.dot_general(g, kernel2d, (((3,), (1,)), ((), ())))
+    if _onednn_1x1(x.shape, kernel2d, x.dtype, "bwd_weights") and g.dtype == x.dtype:
+        return dx, onednn.conv_bwd_weights(x, g, (1, 1), 1, _sym(0))[0, 0].astype(kernel2d.dtype)
     # dW = x2d.T @ g2d as one transposed-operand dot (no channel-major copy: docs/performance.md).
     dw = jax.lax.dot_general(x.reshape(-1, cin), g.reshape(-1, cout), (((0,), (0,)), ((), ())))
     return dx, dw.astype(kernel2d.dtype)

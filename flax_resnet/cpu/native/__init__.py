@@ -10,11 +10,8 @@ threaded on XLA's own intra-op pool. :mod:`flax_resnet.cpu.convs` calls them thr
 convolutions everywhere else.
 
 The shared library is compiled once per source, compiler flags and CPU (``-march=native``)
-with the host's C++ compiler (``$CXX``, else ``c++``/``g++``) into
-``$XDG_CACHE_HOME/flax_resnet/native`` (``~/.cache/...``; ``FLAX_RESNET_NATIVE_DIR``
-overrides) and loaded from there afterwards, but only from a directory and file that belong to
-this user and that nobody else can write (:func:`flax_resnet.parallel.unsafe_cache`); a library
-that fails to load is rebuilt once. Without a compiler, when the build fails, or when the cache
+with the host's C++ compiler and cached (:mod:`flax_resnet.cpu.library`: where, and the safety
+checks before loading). Without a compiler, when the build fails, or when the cache
 is not private (one ``RuntimeWarning`` says why), or with ``FLAX_RESNET_NO_NATIVE_CONV=1``,
 :func:`available` is False and every convolution is XLA's. The kernels have no JAX differentiation rules of
 their own: they sit inside ``custom_vjp`` rules (``cpu.convs.conv_kxk``), so first derivatives
@@ -24,104 +21,42 @@ work and higher ones (a gradient of a gradient, ``jax.jvp``) need the plain laye
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 
 from flax_resnet import parallel
+from flax_resnet.cpu import library
+from flax_resnet.cpu.library import ENV_DIR, enabled
 
 ENV_DISABLE = "FLAX_RESNET_NO_NATIVE_CONV"
-ENV_DIR = "FLAX_RESNET_NATIVE_DIR"
-_SOURCES = ("conv_cpu.cc", "conv_kernels.h")
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
 _TARGETS = {"forward": "flax_resnet_conv_forward", "wgrad": "flax_resnet_conv_wgrad"}
+RECIPE = library.Recipe("conv_cpu", Path(__file__).parent, "conv_cpu.cc", ("conv_cpu.cc", "conv_kernels.h", "pool.h"),
+                        _FLAGS)
 
 _lock = threading.Lock()
 _state: dict = {}  # "lanes": int once loaded; "error": str once it failed
 
 
-def _cpu_signature() -> str:
-    """What ``-march=native`` depends on: the CPU's model and feature flags."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
-        return "\n".join(dict.fromkeys(lines))
-    except OSError:
-        return platform.processor() + platform.machine()
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _compiler_version(compiler: str) -> str:
-    try:
-        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return compiler
-
-
 def library_path(compiler: str) -> Path:
     """Where the library for this source, compiler (its ``--version``), flags, CPU and jaxlib lives."""
-    here = Path(__file__).parent
-    h = hashlib.sha256()
-    for name in _SOURCES:
-        h.update((here / name).read_bytes())
-    h.update(" ".join((_compiler_version(compiler), *_FLAGS, jaxlib.__version__, _cpu_signature())).encode())
-    return Path(os.environ.get(ENV_DIR) or parallel.user_cache_dir("native")) / f"conv_cpu-{h.hexdigest()[:16]}.so"
+    return RECIPE.path(compiler)
 
 
 def build(compiler: str, out: Path) -> None:
     """Compiles the kernels into ``out`` (atomically: concurrent builders each write a temp file)."""
-    here = Path(__file__).parent
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(here / "conv_cpu.cc"), "-o", tmp]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    RECIPE.build(compiler, out)
 
 
 def _load() -> None:
     if parallel.env_flag(ENV_DISABLE):
         _state["error"] = f"{ENV_DISABLE} is set"
         return
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    path = library_path(compiler)
-    problem = parallel.private_cache_dir(path.parent) or parallel.unsafe_cache(path)
-    if problem:
-        raise RuntimeError(f"refusing the cached library: {problem}")
-    if not path.exists():
-        build(compiler, path)
-    try:
-        lib = ctypes.cdll.LoadLibrary(str(path))
-    except OSError:  # a truncated or stale file (a build killed midway, another toolchain): rebuild once
-        path.unlink(missing_ok=True)
-        build(compiler, path)
-        lib = ctypes.cdll.LoadLibrary(str(path))
-    for target, symbol in _TARGETS.items():
-        jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    lib, path = RECIPE.load(_TARGETS)
     lib.flax_resnet_conv_lanes.restype = ctypes.c_int
     _state["lanes"] = int(lib.flax_resnet_conv_lanes())
     _state["path"] = str(path)
@@ -158,33 +93,11 @@ def status() -> dict:
 MAX_CHANNELS = {"forward": 256, "wgrad": 64}
 MIN_IN_CHANNELS = 8
 
-_tracing_enabled = threading.local()
-
-
-class enabled:
-    """``with native.enabled(False):`` traces convolutions without the native kernels.
-
-    The kernels are single-device custom calls: XLA's SPMD partitioner would gather a sharded
-    batch onto every device to run them. :func:`flax_resnet.cpu.jit` therefore traces with them
-    only on a one-device mesh.
-    """
-
-    def __init__(self, on: bool):
-        self.on = on
-
-    def __enter__(self):
-        self.prev = getattr(_tracing_enabled, "on", True)
-        _tracing_enabled.on = self.on
-
-    def __exit__(self, *exc):
-        _tracing_enabled.on = self.prev
-
-
 def supports(x_shape, kernel_shape, *dtypes, op: str = "forward") -> bool:
     """Whether ``op`` ("forward" or "wgrad") of a convolution of NHWC ``x_shape`` with HWIO
     ``kernel_shape`` and operands of ``dtypes`` runs natively (CPU backend, every operand
     float32, channel counts the kernels serve)."""
-    if not getattr(_tracing_enabled, "on", True) or any(jnp.dtype(d) != jnp.float32 for d in dtypes):
+    if not library.custom_calls_on() or any(jnp.dtype(d) != jnp.float32 for d in dtypes):
         return False
     if jax.default_backend() != "cpu" or len(x_shape) != 4 or len(kernel_shape) != 4:
         return False

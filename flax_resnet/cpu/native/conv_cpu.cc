@@ -6,46 +6,16 @@
 //
 // Work is shared with XLA's own intra-op thread pool (no threads of our own). Built on first
 // use by flax_resnet/native/__init__.py with the host's C++ compiler.
-#include <atomic>
-#include <functional>
 #include <initializer_list>
-#include <memory>
-#include <thread>
+#include <vector>
 
 #include "conv_kernels.h"
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
-
-// Runs body(item) for item in [0, n) on the calling thread and up to pool.num_threads() - 1
-// pool tasks, items claimed one at a time. Returns once every item is done; a task that starts
-// late finds no item left and touches only the shared state it co-owns.
-void parallel_for(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> body) {
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
-  if (threads == 1) {
-    for (int64_t i = 0; i < n; ++i) body(i);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    int64_t n;
-    std::function<void(int64_t)> body;
-  };
-  auto state = std::make_shared<State>();
-  state->n = n;
-  state->body = std::move(body);
-  auto work = [](State& s) {
-    for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.n;) {
-      s.body(i);
-      s.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([state, work] { work(*state); });
-  work(*state);
-  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
-}
 
 fr::Geometry geometry(ffi::Span<const int64_t> x, int64_t kh, int64_t kw, int64_t co, int64_t stride, int64_t pt,
                       int64_t pb, int64_t pl, int64_t pr) {
@@ -85,7 +55,7 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const int64_t want = 4 * std::max<int64_t>(1, pool.num_threads());
   const int64_t rows = g.n >= want ? oh : std::max<int64_t>(1, (oh * g.n + want - 1) / want);
   const int64_t blocks = (oh + rows - 1) / rows;
-  parallel_for(pool, g.n * blocks, [&](int64_t item) {
+  fr::parallel_for(pool, g.n * blocks, [&](int64_t item) {
     thread_local std::vector<float> scratch;
     const int64_t n = item / blocks, r0 = (item % blocks) * rows;
     fr::forward_rows(xp + n * image_in, wp, yp + n * image_out, g, r0, std::min(oh, r0 + rows), scratch);
@@ -120,7 +90,7 @@ ffi::Error ConvWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const int64_t by_memory = std::max<int64_t>(1, (int64_t{64} << 20) / (size * int64_t{sizeof(float)}));
   const int64_t chunks = std::min({g.n, int64_t{16}, by_memory});
   std::vector<float> partial(chunks * size, 0.0f);
-  parallel_for(pool, chunks, [&](int64_t k) {
+  fr::parallel_for(pool, chunks, [&](int64_t k) {
     thread_local std::vector<float> scratch;
     float* acc = partial.data() + k * size;
     for (int64_t n = k * g.n / chunks; n < (k + 1) * g.n / chunks; ++n)
