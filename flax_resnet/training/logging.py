@@ -40,6 +40,26 @@ def _plain(v: Any) -> Any:
         return v
 
 
+def _summary_writer_class():
+    """tensorboardX's ``SummaryWriter``, imported without PyTorch.
+
+    Where torch is installed, importing tensorboardX imports it (seconds of start-up) only so
+    that torch tensors may be logged in place of arrays; we log floats and text. Unless torch
+    or tensorboardX is loaded already, ``import torch`` fails for the duration of the import.
+    """
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # an ImportError for `import torch` (the import system's own convention)
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if sys.modules.get("torch", False) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class RunLogger:
     """Appends records to ``workdir/metrics.jsonl`` and mirrors scalars to TensorBoard.
 
@@ -57,9 +77,7 @@ class RunLogger:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.workdir / METRICS_FILE, "a", buffering=1)
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(logdir=str(self.workdir), flush_secs=10)
+            self._tb = _summary_writer_class()(logdir=str(self.workdir), flush_secs=10)
 
     def log(self, kind: str, step: int, record: dict[str, Any]) -> None:
         """Writes one record; numeric fields also go to TensorBoard as ``kind/name``."""
@@ -128,6 +146,8 @@ def plot_curves(workdir: str | Path, title: str = "") -> Path | None:
 
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    # Fixed margins: tight_layout measures every tick label's extent, half the time of drawing.
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.84 if title else 0.9, wspace=0.22)
     for key, label in (("train_loss", "train"), ("test_loss", "test")):
         ax_loss.plot(epochs, [r.get(key) for r in rows], marker="o", ms=3, label=label)
     for key, label in (("train_top1", "train"), ("test_top1", "test")):
@@ -140,7 +160,6 @@ def plot_curves(workdir: str | Path, title: str = "") -> Path | None:
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     out = Path(workdir) / CURVES_FILE
     fig.savefig(out, dpi=100)
     plt.close(fig)
