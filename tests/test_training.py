@@ -93,6 +93,33 @@ def test_eight_devices_match_one_device(runs):
     chex.assert_trees_all_close(m1, m8, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_compiled_init_is_the_op_by_op_init_bit_for_bit(fast):
+    """The trainer builds its state in one jitted program; checkpoints, resumes and reference runs
+    rely on its values being those of building the model eagerly."""
+    from flax import nnx
+
+    from flax_resnet.models.layers import conv_init
+    from flax_resnet.training.state import create_model, init_train_state, split_model
+
+    config = apply_overrides(get_config("digits_resnet20"), ["--config.model=resnet8", "--config.seed=3",
+                                                             f"--config.cpu_fast_path={fast}", "--config.ema_decay=0.9"])
+    tx = create_optimizer(config, schedules.create_learning_rate_fn(config, 10, 100), 10)
+    state, graph = init_train_state(config, 10, 1, tx)
+    _, params, stats = split_model(create_model(config, 10, 1))
+    chex.assert_trees_all_equal(state.params, params)
+    chex.assert_trees_all_equal(state.batch_stats, stats)
+    chex.assert_trees_all_equal(state.ema, {"params": params, "batch_stats": stats})
+    chex.assert_trees_all_equal(state.opt_state, tx.init(params))
+    np.testing.assert_array_equal(state.rng, jax.random.PRNGKey(3))
+    assert graph.cpu_fast_path is fast
+    leaves = jax.tree.leaves(state)
+    assert len({x.unsafe_buffer_pointer() for x in leaves}) == len(leaves)  # own buffers: the step donates them
+    key = jax.random.key(0)  # and the initialiser is variance_scaling's, value for value
+    reference = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+    np.testing.assert_array_equal(conv_init(key, (3, 3, 16, 32)), reference(key, (3, 3, 16, 32)))
+
+
 def test_train_metrics(runs):
     _, (_, _, _, _, history), _ = runs
     m = history[0]

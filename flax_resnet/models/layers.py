@@ -19,9 +19,21 @@ from flax import nnx
 
 Dtype = Any
 
-# torchvision initialises convolutions with kaiming_normal_(mode="fan_out", relu): an
-# *untruncated* normal with variance 2 / fan_out.
-conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+def conv_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    """torchvision's ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``: an *untruncated*
+    normal with variance ``2 / fan_out`` (``nnx.initializers.variance_scaling(2.0, "fan_out",
+    "normal")``, value for value).
+
+    The same values whether it runs op by op or inside one ``jit`` (the trainer builds its
+    model in one compiled program): there the barrier keeps XLA from folding the standard
+    deviation into the normal's own constant, a change of rounding in the last bit.
+    """
+    fan_out = shape[-1] * math.prod(shape[:-2])  # output channels x receptive field
+    sample = jax.random.normal(key, shape, dtype)
+    if isinstance(sample, jax.core.Tracer):
+        sample = jax.lax.optimization_barrier(sample)
+    return sample * jnp.sqrt(jnp.array(2.0 / fan_out, dtype=dtype))
 
 
 def uniform_fan_in(fan_in: int):

@@ -169,22 +169,41 @@ def init_train_state(
     random initialisation before the optimiser state is created; the head stays new
     unless ``config.keep_pretrained_head``.
     """
-    model = create_model(config, num_classes, in_channels)
+    frozen = optimizer.bn_frozen_predicate(config, optimizer.frozen_bn_groups(config, 0))
     if load_pretrained and config.get("pretrained"):
+        model = create_model(config, num_classes, in_channels)
         pretrained.load_pretrained(model, config.pretrained,
                                    load_head=bool(config.get("keep_pretrained_head", False)))
-    frozen = optimizer.bn_frozen_predicate(config, optimizer.frozen_bn_groups(config, 0))
-    graph, params, batch_stats = split_model(model, frozen_bn=frozen)
-    copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # noqa: E731  (own buffers: donated)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=tx.init(params),
-        rng=jax.random.PRNGKey(config.seed),
-        ema={"params": copy(params), "batch_stats": copy(batch_stats)} if ema_decay(config) > 0 else None,
-    )
+        graph, params, batch_stats = split_model(model, frozen_bn=frozen)
+        state = _fresh_state(params, batch_stats, tx, jax.random.PRNGKey(config.seed))
+    else:
+        state, graph = _compiled_init(config, num_classes, in_channels, tx, frozen)
+    if ema_decay(config) > 0:
+        copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # noqa: E731  (own buffers: donated)
+        state = state.replace(ema={"params": copy(state.params), "batch_stats": copy(state.batch_stats)})
     return state, graph
+
+
+def _fresh_state(params, batch_stats, tx, rng) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=tx.init(params),
+                      rng=rng)
+
+
+def _compiled_init(config, num_classes, in_channels, tx, frozen) -> tuple[TrainState, ModelGraph]:
+    """The fresh state built in one jitted program, bit for bit the values of building the model op
+    by op (its initialisers are written to be), with the seed an argument: one executable for every
+    seed, which the persistent compilation cache keeps, where op by op is one small compile per
+    initialiser and shape in every process."""
+    graphs = []
+
+    def build(key):
+        graph, params, batch_stats = split_model(create_model(config, num_classes, in_channels, seed=key),
+                                                 frozen_bn=frozen)
+        graphs.append(graph)
+        return _fresh_state(params, batch_stats, tx, jax.random.key_data(key))
+
+    state = jax.jit(build)(jax.random.key(config.seed))
+    return state, graphs[0]
 
 
 def model_graph(config, num_classes: int, in_channels: int, frozen_bn_groups: frozenset[str]) -> ModelGraph:
