@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -197,7 +198,9 @@ def run_job_race(recipe: str = "digits_resnet20", *, model: str | None = None, b
     for i in range(int(warmup) + repeats):
         timed = i >= int(warmup)
         tag = f"run{i - int(warmup)}" if timed else "warmup"
-        wall, lines, _ = run_timed([*ours_argv, "--workdir", str(root / f"ours_{tag}")], root / f"ours_{tag}.log")
+        workdir = root / f"ours_{tag}"
+        shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resumed one
+        wall, lines, _ = run_timed([*ours_argv, "--workdir", str(workdir)], root / f"ours_{tag}.log")
         ours = parse_ours(wall, lines)
         log(f"ours  {tag}: {wall:.1f}s wall, test top-1 {ours['final_top1']}")
         wall, lines, _ = run_timed(torch_argv, root / f"torch_{tag}.log")
