@@ -43,7 +43,7 @@ def _add_train(sub):
     p.add_argument("--workdir", default=None,
                    help="run directory for checkpoints and logs (default runs/<config name>)")
     _add_distributed_flags(p)
-    p.set_defaults(func=_cmd_train, accepts_overrides=True)
+    p.set_defaults(func=_cmd_train, accepts_overrides=True, skip_teardown=True)  # every output closed on return
 
 
 def _add_distributed_flags(p):
