@@ -70,18 +70,20 @@ def _patch(module, args, variants: dict, what: str) -> None:
                      for name, patches in variants.items()}, what)
 
 
-_KXK, _ALL = ("kxk",), ("kxk", "1x1")
-ONEDNN_TABLES = {  # variant -> oneDNN's SERVES for every dtype
+_KXK, _ALL, _ANY = {"kxk": 1 << 30}, {"kxk": 1 << 30, "1x1": 1 << 30}, 1 << 30
+ONEDNN_TABLES = {  # variant -> oneDNN's SERVES (kind of kernel -> most channels) for every dtype
     "off": {},
+    "current": None,  # the table onednn.SERVES holds
     "kxk": {"forward": _KXK, "bwd_data": _KXK, "bwd_weights": _KXK},
-    "kxk+1x1 dW": {"forward": _KXK, "bwd_data": _KXK, "bwd_weights": _ALL},
+    "kxk, dW <= 256": {"forward": _KXK, "bwd_data": _KXK, "bwd_weights": {"kxk": 256}},
     "all": {"forward": _ALL, "bwd_data": _ALL, "bwd_weights": _ALL},
 }
 
 
 def onednn_steps(args) -> None:
     """Our train and eval steps with oneDNN serving each listed set of convolutions (A/B)."""
-    tables = {name: {dt: ONEDNN_TABLES[name] for dt in ("float32", "bfloat16")} for name in args.variants}
+    tables = {name: cpu.onednn.SERVES if ONEDNN_TABLES[name] is None
+              else {dt: ONEDNN_TABLES[name] for dt in ("float32", "bfloat16")} for name in args.variants}
     _ab_steps(args, {name: (lambda t=t: mock.patch.object(cpu.onednn, "SERVES", t)) for name, t in tables.items()},
               f"{args.dtype} oneDNN", evaluate=True)
 

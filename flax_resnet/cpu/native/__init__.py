@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_resnet import parallel
-from flax_resnet.cpu import library
+from flax_resnet.cpu import library, onednn
 from flax_resnet.cpu.library import ENV_DIR, enabled
 
 ENV_DISABLE = "FLAX_RESNET_NO_NATIVE_CONV"
@@ -81,10 +81,11 @@ def lanes() -> int:
 
 
 def status() -> dict:
-    """For benchmarks and logs: whether the kernels are in use, their library, or why not."""
+    """For benchmarks and logs: whether the kernels are in use, their library, or why not; and
+    oneDNN's (:func:`flax_resnet.cpu.onednn.status`), the other custom-call library."""
     ok = available()
     return {"available": ok, "lanes": _state.get("lanes", 0), "library": _state.get("path"),
-            "error": _state.get("error")}
+            "error": _state.get("error"), "onednn": onednn.status()}
 
 
 # Shapes the kernels serve: at most this many channels (in or out) per operation, at least 8 in.

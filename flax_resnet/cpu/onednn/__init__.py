@@ -62,14 +62,14 @@ def _recipe() -> library.Recipe:
             raise FileNotFoundError(f"no oneDNN under {root} (want include/{_HEADER} and lib/libdnnl.so)")
         names = sorted(p.name for p in libdirs[0].glob("libdnnl.so*"))
         name = "dnnl" if "libdnnl.so" in names else ":" + names[0]  # a wheel's lib may lack the bare .so
-        link = (f"-L{libdirs[0]}", f"-Wl,-rpath,{libdirs[0]}", f"-l{name}")
+        link = (f"-L{libdirs[0]}", f"-Wl,-rpath,{libdirs[0]}", f"-l{name}", "-ldl")
         lib_file = libdirs[0] / names[0]
     else:
         dirs = [*_SYSTEM_INCLUDES, *filter(None, os.environ.get("CPATH", "").split(os.pathsep))]
         found = [d for d in dirs if (Path(d) / _HEADER).exists()]
         if not found:
             raise FileNotFoundError("oneDNN not found (apt install libdnnl-dev, or set ONEDNN_ROOT)")
-        include, link, lib_file = Path(found[0]), ("-ldnnl",), None
+        include, link, lib_file = Path(found[0]), ("-ldnnl", "-ldl"), None
     version = b"".join((include / "oneapi" / "dnnl" / f).read_bytes()
                        for f in ("dnnl_version.h", "dnnl_config.h") if (include / "oneapi" / "dnnl" / f).exists())
     extra = f"{include} {lib_file} {lib_file.stat().st_mtime_ns if lib_file else ''} {hashlib.sha256(version).hexdigest()}"
@@ -110,26 +110,31 @@ def status() -> dict:
             "library": _state.get("path"), "error": _state.get("error")}
 
 
-# Which convolutions oneDNN takes, per dtype and operation: "kxk" (3x3, the 7x7 stem) and/or "1x1"
-# kernels; the rest stay with the native kernels or XLA. From `python experiments/cpu_probes.py
-# onednn` (each operation alone) and `onednn-steps` (whole steps, A/B; docs/performance.md).
+# Which convolutions oneDNN takes, per dtype and operation: kind of kernel ("kxk": 3x3 and the 7x7
+# stem, "1x1") -> the most channels (in or out) it serves; the rest stay with the native kernels or
+# XLA. Float32 kernel gradients of 512 channels lose to XLA's (4 partial sums of a 2.4M-entry
+# kernel). From `python experiments/cpu_probes.py onednn` (each operation alone) and
+# `onednn-steps` (whole steps, A/B); docs/performance.md.
+_ANY = 1 << 30
 SERVES = {
-    "float32": {"forward": ("kxk",), "bwd_data": ("kxk",), "bwd_weights": ("kxk", "1x1")},
-    "bfloat16": {"forward": ("kxk", "1x1"), "bwd_data": ("kxk", "1x1"), "bwd_weights": ("kxk", "1x1")},
+    "float32": {"forward": {"kxk": _ANY}, "bwd_data": {"kxk": _ANY}, "bwd_weights": {"kxk": 256}},
+    "bfloat16": {op: {"kxk": _ANY, "1x1": _ANY} for op in ("forward", "bwd_data", "bwd_weights")},
 }
 
 
 def supports(x_shape, kernel_shape, dtype, op: str, stride: int = 1, pads=((0, 0), (0, 0))) -> bool:
     """Whether ``op`` ("forward", "bwd_data", "bwd_weights") of a convolution of NHWC ``x_shape``
     with HWIO ``kernel_shape`` in ``dtype`` runs on oneDNN: CPU backend, oneDNN installed, a kind
-    of kernel :data:`SERVES` lists for that dtype and operation, a window that fits."""
+    of kernel and width :data:`SERVES` lists for that dtype and operation, a window that fits."""
     if not library.custom_calls_on() or jax.default_backend() != "cpu":
         return False
-    kinds = SERVES.get(jnp.dtype(dtype).name, {}).get(op, ())
+    kinds = SERVES.get(jnp.dtype(dtype).name, {}).get(op, {})
     if len(x_shape) != 4 or len(kernel_shape) != 4 or x_shape[0] == 0:
         return False
     kind = "1x1" if tuple(kernel_shape[:2]) == (1, 1) else "kxk"
-    if kind not in kinds or _exact_pads(x_shape[1], x_shape[2], *kernel_shape[:2], stride, pads) is None:
+    if max(kernel_shape[2:]) > kinds.get(kind, 0):
+        return False
+    if _exact_pads(x_shape[1], x_shape[2], *kernel_shape[:2], stride, pads) is None:
         return False
     return available()
 

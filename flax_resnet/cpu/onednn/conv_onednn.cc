@@ -11,6 +11,8 @@
 // process; one engine per process and one stream per calling thread. Written against the C API
 // of oneDNN 2.x (operation descriptors) and 3.x (primitive descriptors made directly).
 // Built on first use by flax_resnet/cpu/onednn/__init__.py.
+#include <dlfcn.h>
+
 #include <array>
 #include <atomic>
 #include <cstdint>
@@ -226,14 +228,41 @@ void* buffer(std::vector<char>& v, MdRef md) {
 }
 
 // Each thread that calls oneDNN runs it on itself alone: the threads are XLA's (parallel_for), not an
-// OpenMP team on top of them. omp_set_num_threads is the OpenMP runtime's that libdnnl loaded, if any.
-extern "C" void omp_set_num_threads(int) __attribute__((weak));
+// OpenMP team on top of them. The OpenMP runtime is the one libdnnl loaded (found by its soname,
+// not by a global symbol lookup that could land in another copy, such as PyTorch's), and the
+// calling thread's setting is put back afterwards.
+class OneThread {
+ public:
+  OneThread() {
+    static const Omp omp = find();
+    if (omp.set && omp.get) {
+      set_ = omp.set;
+      before_ = omp.get();
+      if (before_ != 1) set_(1);
+    }
+  }
+  ~OneThread() {
+    if (set_ && before_ != 1) set_(before_);
+  }
 
-void one_thread() {
-  thread_local bool set = false;
-  if (!set && omp_set_num_threads) omp_set_num_threads(1);
-  set = true;
-}
+ private:
+  struct Omp {
+    void (*set)(int) = nullptr;
+    int (*get)() = nullptr;
+  };
+  static Omp find() {
+    for (const char* name : {"libgomp.so.1", "libiomp5.so", "libomp.so.5", "libomp.so"}) {
+      if (void* h = dlopen(name, RTLD_NOW | RTLD_NOLOAD)) {
+        Omp omp{reinterpret_cast<void (*)(int)>(dlsym(h, "omp_set_num_threads")),
+                reinterpret_cast<int (*)()>(dlsym(h, "omp_get_max_threads"))};
+        if (omp.set && omp.get) return omp;
+      }
+    }
+    return {};
+  }
+  void (*set_)(int) = nullptr;
+  int before_ = 1;
+};
 
 dnnl_status_t run(const dnnl_primitive_t prim, std::initializer_list<dnnl_exec_arg_t> args) {
   std::vector<dnnl_exec_arg_t> present;
@@ -271,20 +300,16 @@ dnnl_status_t run_chunk(const Primitive& p, const Spec& s, const char* a, const 
 size_t width(dnnl_data_type_t t) { return t == dnnl_f32 ? 4 : 2; }
 
 // The batch is cut into equal chunks, one single-threaded primitive call each, spread over XLA's
-// pool. Forward and input gradients: one chunk per thread (each image's result is the same
+// pool. Forward and input gradients: up to one chunk per thread (each image's result is the same
 // whatever the chunking). Kernel gradients: a chunk count set by the batch alone (4, 2 or 1),
 // each chunk's sum in its own buffer, the buffers then added in chunk order: the same bits
 // whatever the thread count.
 ffi::Error execute(ffi::ThreadPool& pool, const Spec& whole, const void* a, const void* b, void* out) {
-  one_thread();
+  OneThread single;
   if (!engine() || !stream()) return ffi::Error::Internal("flax_resnet onednn: no CPU engine");
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t chunks = 1;
-  for (int64_t c : {int64_t{4}, int64_t{2}})
-    if (whole.n % c == 0 && (whole.op == kBwdWeights || c <= threads)) {
-      chunks = c;
-      break;
-    }
+  int64_t chunks = whole.op == kBwdWeights ? 4 : std::min(threads, whole.n);
+  while (whole.n % chunks != 0) --chunks;
   Spec s = whole;
   s.n = whole.n / chunks;
   std::string error;
@@ -308,7 +333,7 @@ ffi::Error execute(ffi::ThreadPool& pool, const Spec& whole, const void* a, cons
   std::atomic<int> failed{dnnl_success};
   if (st == dnnl_success) {
     fr::parallel_for(pool, chunks, [&](int64_t k) {
-      one_thread();
+      OneThread single_here;
       const char* ak = static_cast<const char*>(a) + k * s.n * a_step;
       const char* bk = s.op == kBwdWeights ? static_cast<const char*>(b) + k * s.n * b_step : w;
       char* ok = s.op == kBwdWeights ? (direct ? static_cast<char*>(out) : weights.data() + k * p->w_prim_bytes)
