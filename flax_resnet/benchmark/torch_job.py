@@ -12,7 +12,7 @@ by :mod:`flax_resnet.benchmark.job`):
   ``np.random.default_rng([seed, k, 1])`` (no flips: digits), as
   :mod:`flax_resnet.data.batches` defines it, then normalised with the recipe's mean/std;
 * model: :mod:`flax_resnet.benchmark.torch_twin`'s network (the same code, read from its
-  source), float32, NCHW (``channels_last`` optional), PyTorch's default initialisation;
+  source), float32, NCHW (``channels_last`` optional), its own initialisation (torchvision's);
 * recipe: SGD with momentum, L2 weight decay on conv/linear weights only, linear warm-up then
   cosine per step (optax's schedule, as a ``LambdaLR``), cross-entropy;
 * an evaluation of the whole test split after every epoch (no padding: the last batch is
