@@ -139,13 +139,15 @@ def plot_curves(workdir: str | Path, title: str = "") -> Path | None:
     # A resumed run may repeat an epoch: keep the last record of each.
     by_epoch = {r["epoch"]: r for r in rows}
     rows = [by_epoch[e] for e in sorted(by_epoch)]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # matplotlib's object API, not pyplot: pyplot's import (its backend machinery) is skipped
+    # and no global figure registry is touched, so nothing needs closing.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_acc = fig.subplots(1, 2)
     # Fixed margins: tight_layout measures every tick label's extent, half the time of drawing.
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.84 if title else 0.9, wspace=0.22)
     for key, label in (("train_loss", "train"), ("test_loss", "test")):
@@ -162,7 +164,6 @@ def plot_curves(workdir: str | Path, title: str = "") -> Path | None:
         fig.suptitle(title)
     out = Path(workdir) / CURVES_FILE
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 
