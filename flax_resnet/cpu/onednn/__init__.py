@@ -73,8 +73,9 @@ def _recipe() -> library.Recipe:
     version = b"".join((include / "oneapi" / "dnnl" / f).read_bytes()
                        for f in ("dnnl_version.h", "dnnl_config.h") if (include / "oneapi" / "dnnl" / f).exists())
     extra = f"{include} {lib_file} {lib_file.stat().st_mtime_ns if lib_file else ''} {hashlib.sha256(version).hexdigest()}"
-    return library.Recipe("conv_onednn", Path(__file__).parent, "conv_onednn.cc", ("conv_onednn.cc", "../native/pool.h"),
-                          (*_FLAGS, f"-I{include}"), link, extra)
+    sources = ("conv_onednn.cc", "runtime.h", "../native/pool.h")
+    return library.Recipe("conv_onednn", Path(__file__).parent, "conv_onednn.cc", sources, (*_FLAGS, f"-I{include}"),
+                          link, extra)
 
 
 def _load() -> None:
