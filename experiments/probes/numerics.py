@@ -49,26 +49,31 @@ def conditioning(args) -> None:
 
 
 def _bf16_gap(model: str, x) -> str:
-    """Relative L2 distance of the bfloat16-compute gradient from float32's, with ReLU and with GELU."""
-    def grad(act, dtype):
-        graph, params, stats = split_model(create_model(model, num_classes=10, dtype=dtype))
+    """Relative L2 distance of the bfloat16-compute gradient from float32's, with ReLU and with GELU;
+    for ReLU also through the CPU backend's layers (what ``half_precision`` trains with on CPU:
+    oneDNN's bfloat16 convolutions where it is installed), each against its own float32."""
+    def grad(act, dtype, make=create_model, jit=jax.jit):
+        graph, params, stats = split_model(make(model, num_classes=10, dtype=dtype))
 
         def loss(params):
             y = graph.apply(params, stats, x, train=True)[0].astype("float32")
             return (y * jnp.cos(y)).sum()
 
         with mock.patch.object(nnx, "relu", act):
-            g = jax.jit(jax.grad(loss))(params)
+            g = jit(jax.grad(loss))(params)
         return np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(g)]), params, stats
 
     out = []
     for name, act in (("ReLU", nnx.relu), ("GELU", jax.nn.gelu)):
         (g32, params, stats), (g16, _, _) = grad(act, "float32"), grad(act, "bfloat16")
-        out.append(f"{name} {np.linalg.norm(g16 - g32) / np.linalg.norm(g32):.3f}")
+        out.append(f"{name} {np.linalg.norm(g16 - g32) / np.linalg.norm(g32):.4f}")
+        if name == "ReLU":
+            (c32, _, _), (c16, _, _) = (grad(act, d, cpu.create_model, cpu.jit) for d in ("float32", "bfloat16"))
+            out.append(f"CPU backend (ReLU) {np.linalg.norm(c16 - c32) / np.linalg.norm(c32):.4f}")
         if name == "ReLU":
             try:  # the same float32 weights in PyTorch
                 out.append(f"PyTorch autocast(bfloat16) on the same weights (ReLU) "
-                           f"{_torch_bf16_gap(model, params, stats, x):.3f}")
+                           f"{_torch_bf16_gap(model, params, stats, x):.4f}")
             except ImportError:
                 pass
     return ", ".join(out)
