@@ -136,4 +136,5 @@ def test_absent_or_disabled_onednn_changes_nothing_and_warns_nothing():
             continue
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.split()[0] == "False" and onednn.ENV_DISABLE in proc.stdout
-    assert not convs.onednn.supports((1, 8, 8, 16), (3, 3, 16, 16), jnp.float16, "forward")
+    assert not convs.onednn.supports((1, 8, 8, 16), (3, 3, 16, 16), (jnp.float16,), "forward")
+    assert not convs.onednn.supports((1, 8, 8, 16), (3, 3, 16, 16), (jnp.float32, jnp.bfloat16), "forward")  # mixed

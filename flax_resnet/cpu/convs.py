@@ -42,7 +42,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, pads) -> jax.Array:
     """NHWC x HWIO convolution with zero ``pads = ((top, bottom), (left, right))``: oneDNN's or the
     native CPU kernel where :func:`onednn.supports` / :func:`native.supports` the shape, else
     ``lax.conv_general_dilated``."""
-    if onednn.supports(x.shape, kernel.shape, x.dtype, "forward", stride, pads) and x.dtype == kernel.dtype:
+    if onednn.supports(x.shape, kernel.shape, (x.dtype, kernel.dtype), "forward", stride, pads):
         return onednn.conv_forward(x, kernel, stride, pads)
     if native.supports(x.shape, kernel.shape, x.dtype, kernel.dtype):
         return native.conv_forward(x, kernel, stride, pads)
@@ -136,11 +136,11 @@ def _stride2_input_grad(g: jax.Array, kernel: jax.Array) -> jax.Array:
 def _conv_kxk_bwd(stride, pad, res, g):
     x, kernel = res
     pads = _sym(pad)
-    if onednn.supports(x.shape, kernel.shape, g.dtype, "bwd_data", stride, pads) and g.dtype == kernel.dtype:
+    if onednn.supports(x.shape, kernel.shape, (g.dtype, kernel.dtype), "bwd_data", stride, pads):
         dx = onednn.conv_bwd_data(g, kernel, x.shape, stride, pads)
     else:
         dx = conv_input_grad(x, g, kernel, stride, pad)
-    if onednn.supports(x.shape, kernel.shape, x.dtype, "bwd_weights", stride, pads) and x.dtype == g.dtype:
+    if onednn.supports(x.shape, kernel.shape, (x.dtype, g.dtype), "bwd_weights", stride, pads):
         dw = onednn.conv_bwd_weights(x, g, kernel.shape[:2], stride, pads)
     else:
         dw = conv_weight_grad(x, g, kernel.shape, stride, pad)
@@ -150,13 +150,13 @@ def _conv_kxk_bwd(stride, pad, res, g):
 conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
 
 
-def _onednn_1x1(x_shape, kernel2d, dtype, op: str) -> bool:
-    return onednn.supports(x_shape, (1, 1, *kernel2d.shape), dtype, op) and kernel2d.dtype == dtype
+def _onednn_1x1(x_shape, kernel2d, op: str, *dtypes) -> bool:
+    return onednn.supports(x_shape, (1, 1, *kernel2d.shape), (kernel2d.dtype, *dtypes), op)
 
 
 @jax.custom_vjp
 def _matmul_1x1(x: jax.Array, kernel2d: jax.Array) -> jax.Array:
-    if _onednn_1x1(x.shape, kernel2d, x.dtype, "forward"):
+    if _onednn_1x1(x.shape, kernel2d, "forward", x.dtype):
         return onednn.conv_forward(x, kernel2d[None, None], 1, _sym(0))
     return jax.lax.dot_general(x, kernel2d, (((3,), (0,)), ((), ())))
 
@@ -168,11 +168,11 @@ def _matmul_1x1_fwd(x, kernel2d):
 def _matmul_1x1_bwd(res, g):
     x, kernel2d = res
     cin, cout = kernel2d.shape
-    if _onednn_1x1(x.shape, kernel2d, g.dtype, "bwd_data"):
+    if _onednn_1x1(x.shape, kernel2d, "bwd_data", g.dtype):
         dx = onednn.conv_bwd_data(g, kernel2d[None, None], x.shape, 1, _sym(0))
     else:
         dx = jax.lax.dot_general(g, kernel2d, (((3,), (1,)), ((), ())))
-    if _onednn_1x1(x.shape, kernel2d, x.dtype, "bwd_weights") and g.dtype == x.dtype:
+    if _onednn_1x1(x.shape, kernel2d, "bwd_weights", x.dtype, g.dtype):
         return dx, onednn.conv_bwd_weights(x, g, (1, 1), 1, _sym(0))[0, 0].astype(kernel2d.dtype)
     # dW = x2d.T @ g2d as one transposed-operand dot (no channel-major copy: docs/performance.md).
     dw = jax.lax.dot_general(x.reshape(-1, cin), g.reshape(-1, cout), (((0,), (0,)), ((), ())))

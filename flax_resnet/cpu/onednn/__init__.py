@@ -123,13 +123,16 @@ SERVES = {
 }
 
 
-def supports(x_shape, kernel_shape, dtype, op: str, stride: int = 1, pads=((0, 0), (0, 0))) -> bool:
+def supports(x_shape, kernel_shape, dtypes, op: str, stride: int = 1, pads=((0, 0), (0, 0))) -> bool:
     """Whether ``op`` ("forward", "bwd_data", "bwd_weights") of a convolution of NHWC ``x_shape``
-    with HWIO ``kernel_shape`` in ``dtype`` runs on oneDNN: CPU backend, oneDNN installed, a kind
-    of kernel and width :data:`SERVES` lists for that dtype and operation, a window that fits."""
+    with HWIO ``kernel_shape``, its operands of ``dtypes``, runs on oneDNN: CPU backend, oneDNN
+    installed, operands of one dtype, a kind of kernel and width :data:`SERVES` lists for that
+    dtype and operation, a window that fits."""
     if not library.custom_calls_on() or jax.default_backend() != "cpu":
         return False
-    kinds = SERVES.get(jnp.dtype(dtype).name, {}).get(op, {})
+    if len({jnp.dtype(d) for d in dtypes}) != 1:
+        return False
+    kinds = SERVES.get(jnp.dtype(dtypes[0]).name, {}).get(op, {})
     if len(x_shape) != 4 or len(kernel_shape) != 4 or x_shape[0] == 0:
         return False
     kind = "1x1" if tuple(kernel_shape[:2]) == (1, 1) else "kxk"
