@@ -29,6 +29,7 @@ import jax
 from flax import nnx
 
 from flax_resnet.cpu import native, onednn, xla
+from flax_resnet.cpu import inference  # noqa: F401  (cpu.inference: the fused eval forward)
 from flax_resnet.cpu.allocator import ENV_NO_MALLOC_TUNING, host_allocator_tuned, tune_host_allocator
 from flax_resnet.cpu.fast_layers import FastBatchNorm, FastConv
 from flax_resnet.cpu.xla import COMPILER_OPTIONS, compiler_options

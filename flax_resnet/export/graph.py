@@ -9,7 +9,10 @@ JAX for StableHLO, so both carry the same folded arithmetic.
 
 Folding: a BatchNorm applied directly to a convolution's output (eval mode: running statistics)
 becomes part of that convolution, ``W' = W * g`` and ``b' = (b - mean) * g + beta`` with
-``g = scale / sqrt(var + eps)``, computed in float64. A BatchNorm after an addition or a pool
+``g = scale / sqrt(var + eps)``, computed in float64 numpy for the exporters. ``trace(model,
+xp=jnp)`` folds in float32 ``jax.numpy`` instead, on whatever the model's variables hold: under
+``jax.jit`` the live (traced) parameters, so a jitted step can fold and run the graph itself
+(:mod:`flax_resnet.cpu.inference`). A BatchNorm after an addition or a pool
 (pre-activation units' first BN, the article's BN after each residual sum and after each
 pool) has no conv directly before it and stays a per-channel affine ``x * g + (beta - mean * g)``.
 
@@ -71,29 +74,54 @@ class Graph:
         return sum(op.kind == kind for op in self.ops)
 
 
-def _array(v) -> np.ndarray:
-    return np.asarray(jax.device_get(v[...]), np.float64)
+class _Numpy:
+    """Folding arithmetic of the exporters: float64 numpy on the parameters' values, float32 results."""
+
+    xp = np
+
+    @staticmethod
+    def array(v):
+        return np.asarray(jax.device_get(v[...]), np.float64)
+
+    @staticmethod
+    def out(a):
+        return a.astype(np.float32)
+
+
+class _Jax:
+    """Folding arithmetic under ``jax.jit``: float32 ``jax.numpy`` on the variables' (traced) values."""
+
+    xp = jnp
+
+    @staticmethod
+    def array(v):
+        return jnp.asarray(v[...], jnp.float32)
+
+    @staticmethod
+    def out(a):
+        return a
 
 
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(int(a) for a in v)
 
 
-def _bn_terms(bn) -> tuple[np.ndarray, np.ndarray]:
-    """``(g, shift)`` with ``bn(x) == x * g + shift`` in eval mode, in float64."""
-    g = 1.0 / np.sqrt(_array(bn.var) + bn.epsilon)
+def _bn_terms(bn, f=_Numpy) -> tuple[Any, Any]:
+    """``(g, shift)`` with ``bn(x) == x * g + shift`` in eval mode, in ``f``'s arithmetic."""
+    g = 1.0 / f.xp.sqrt(f.array(bn.var) + bn.epsilon)
     if bn.scale is not None:
-        g = g * _array(bn.scale)
-    shift = -_array(bn.mean) * g
+        g = g * f.array(bn.scale)
+    shift = -f.array(bn.mean) * g
     if bn.bias is not None:
-        shift = shift + _array(bn.bias)
+        shift = shift + f.array(bn.bias)
     return g, shift
 
 
 class _Builder:
-    def __init__(self):
+    def __init__(self, f=_Numpy):
         self.ops: list[Op] = []
         self.folded = self.unfolded = 0
+        self.f = f
 
     def emit(self, kind: str, inputs, **attrs) -> str:
         name = f"{kind}_{len(self.ops)}"
@@ -102,23 +130,24 @@ class _Builder:
 
     def conv(self, x: str, conv, bn=None) -> str:
         """``bn(conv(x))`` as one conv (or ``conv(x)`` without a ``bn``)."""
-        kernel = _array(conv.kernel)
-        bias = _array(conv.bias) if conv.bias is not None else np.zeros(kernel.shape[-1])
+        f = self.f
+        kernel = f.array(conv.kernel)
+        bias = f.array(conv.bias) if conv.bias is not None else f.xp.zeros(kernel.shape[-1], kernel.dtype)
         if bn is not None:
-            g, shift = _bn_terms(bn)
+            g, shift = _bn_terms(bn, f)
             kernel, bias = kernel * g, bias * g + shift
             self.folded += 1
         padding = conv.padding
         if isinstance(padding, str):
             raise UserError(f"cannot export a conv with padding {padding!r}; our models use explicit padding")
         pads = tuple(_pair(p) for p in padding)
-        return self.emit("conv", [x], kernel=kernel.astype(np.float32), bias=bias.astype(np.float32),
+        return self.emit("conv", [x], kernel=f.out(kernel), bias=f.out(bias),
                          strides=_pair(conv.strides), pads=pads, groups=int(conv.feature_group_count))
 
     def affine(self, x: str, bn) -> str:
-        g, shift = _bn_terms(bn)
+        g, shift = _bn_terms(bn, self.f)
         self.unfolded += 1
-        return self.emit("affine", [x], scale=g.astype(np.float32), shift=shift.astype(np.float32))
+        return self.emit("affine", [x], scale=self.f.out(g), shift=self.f.out(shift))
 
     def relu(self, x: str) -> str:
         return self.emit("relu", [x])
@@ -234,13 +263,17 @@ def _article(b: _Builder, m: ArticleResNet, x: str) -> str:
     return x
 
 
-def trace(model, *, input_scale=None, input_shift=None) -> Graph:
-    """The eval-mode forward pass of ``model`` (plain layers, float32 weights) as a folded :class:`Graph`.
+def trace(model, *, input_scale=None, input_shift=None, xp=np) -> Graph:
+    """The eval-mode forward pass of ``model`` (float32 weights) as a folded :class:`Graph`.
 
     ``input_scale``/``input_shift`` (per channel) put ``x * scale + shift`` in front: the
-    normalisation, for a graph that takes raw 0-255 pixels.
+    normalisation, for a graph that takes raw 0-255 pixels. ``xp``: ``numpy`` (float64 folding,
+    numpy arrays: the exporters) or ``jax.numpy`` (float32 folding of the variables' values, jax
+    arrays; traceable under ``jax.jit``). The CPU backend's layer classes read as the plain ones.
     """
-    b = _Builder()
+    if xp not in (np, jnp):
+        raise ValueError(f"xp must be numpy or jax.numpy, not {xp!r}")
+    b = _Builder(_Numpy if xp is np else _Jax)
     x = INPUT
     if input_scale is not None:
         x = b.emit("affine", [x], scale=np.asarray(input_scale, np.float32),
@@ -254,14 +287,15 @@ def trace(model, *, input_scale=None, input_shift=None) -> Graph:
     x = b.emit("mean", [x])
     num_outputs = model.num_features
     if model.fc is not None:
-        x = b.emit("linear", [x], kernel=_array(model.fc.kernel).astype(np.float32),
-                   bias=_array(model.fc.bias).astype(np.float32))
+        x = b.emit("linear", [x], kernel=b.f.out(b.f.array(model.fc.kernel)),
+                   bias=b.f.out(b.f.array(model.fc.bias)))
         num_outputs = model.fc.out_features
     return Graph(b.ops, x, int(model.conv1.in_features), int(num_outputs), b.folded, b.unfolded)
 
 
 # ----------------------------------------------------------------- replay in JAX (what StableHLO exports)
-def _run_op(op: Op, args: list[jax.Array]) -> jax.Array:
+def run_op(op: Op, args: list[jax.Array]) -> jax.Array:
+    """One op of a graph on its arguments' values, in JAX."""
     a = op.attrs
     x = args[0]
     if op.kind == "conv":
@@ -293,5 +327,5 @@ def run(graph: Graph, x: jax.Array) -> jax.Array:
     """Applies ``graph`` to an NHWC float32 batch in JAX (traceable: :mod:`jax.export` exports this)."""
     values = {INPUT: x}
     for op in graph.ops:
-        values[op.output] = _run_op(op, [values[i] for i in op.inputs])
+        values[op.output] = run_op(op, [values[i] for i in op.inputs])
     return values[graph.output]

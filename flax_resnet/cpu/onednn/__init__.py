@@ -118,13 +118,15 @@ def status() -> dict:
 # `onednn-steps` (whole steps, A/B); docs/performance.md.
 _ANY = 1 << 30
 SERVES = {
-    "float32": {"forward": {"kxk": _ANY}, "bwd_data": {"kxk": _ANY}, "bwd_weights": {"kxk": 256}},
-    "bfloat16": {op: {"kxk": _ANY, "1x1": _ANY} for op in ("forward", "bwd_data", "bwd_weights")},
+    "float32": {"forward": {"kxk": _ANY}, "bwd_data": {"kxk": _ANY}, "bwd_weights": {"kxk": 256},
+                "fused": {"kxk": _ANY, "1x1": _ANY}},
+    "bfloat16": {op: {"kxk": _ANY, "1x1": _ANY} for op in ("forward", "bwd_data", "bwd_weights", "fused")},
 }
 
 
 def supports(x_shape, kernel_shape, dtypes, op: str, stride: int = 1, pads=((0, 0), (0, 0))) -> bool:
-    """Whether ``op`` ("forward", "bwd_data", "bwd_weights") of a convolution of NHWC ``x_shape``
+    """Whether ``op`` ("forward", "bwd_data", "bwd_weights"; "fused": the forward with post-ops,
+    :func:`flax_resnet.cpu.inference.conv`) of a convolution of NHWC ``x_shape``
     with HWIO ``kernel_shape``, its operands of ``dtypes``, runs on oneDNN: CPU backend, oneDNN
     installed, operands of one dtype, a kind of kernel and width :data:`SERVES` lists for that
     dtype and operation, a window that fits."""
@@ -154,31 +156,44 @@ def _require() -> None:
         raise RuntimeError(f"flax_resnet oneDNN convolutions unavailable: {_state['error']}")
 
 
-def _call(op, out, a, b, x_shape, kernel_hw, stride, pads):
+def _call(op, out, operands, x_shape, kernel_hw, stride, pads, aliases=None, **flags):
     exact = _exact_pads(x_shape[1], x_shape[2], *kernel_hw, stride, pads)
     if exact is None:
         raise ValueError(f"oneDNN convolution: a {kernel_hw} window at stride {stride} does not fit the padded "
                          f"{x_shape[1:3]} input (pads {pads})")
     (pt, pb), (pl, pr) = exact
-    return jax.ffi.ffi_call(_TARGETS[op], out, vmap_method="sequential")(a, b, stride=stride, pt=pt, pb=pb, pl=pl,
-                                                                         pr=pr)
+    call = jax.ffi.ffi_call(_TARGETS[op], out, vmap_method="sequential", input_output_aliases=aliases)
+    return call(*operands, stride=stride, pt=pt, pb=pb, pl=pl, pr=pr, **flags)
 
 
-def conv_forward(x: jax.Array, kernel: jax.Array, stride: int, pads) -> jax.Array:
-    """``y = conv(x, kernel)``: NHWC x HWIO (one dtype), zero ``pads = ((top, bottom), (left, right))``."""
+def conv_forward(x: jax.Array, kernel: jax.Array, stride: int, pads, *, bias: jax.Array | None = None,
+                 residual: jax.Array | None = None, relu: bool = False) -> jax.Array:
+    """``y = conv(x, kernel)``: NHWC x HWIO (one dtype), zero ``pads = ((top, bottom), (left, right))``;
+    with oneDNN's post-ops, ``relu(conv(x, kernel) + bias + residual)``, each part optional.
+
+    ``bias`` [CO] is float32 or ``x``'s dtype (oneDNN adds it in float32); ``residual`` has the
+    output's shape and dtype and is added in place (its buffer is the output's: XLA copies it
+    first only where it is still needed after the call).
+    """
     _require()
     (pt, pb), (pl, pr) = pads
     (n, h, w, _), (kh, kw, _, co) = x.shape, kernel.shape
     oh, ow = (h + pt + pb - kh) // stride + 1, (w + pl + pr - kw) // stride + 1
     out = jax.ShapeDtypeStruct((n, oh, ow, co), x.dtype)
-    return _call("forward", out, x, kernel, x.shape, (kh, kw), stride, pads)
+    operands = [x, kernel] + ([bias] if bias is not None else []) + ([residual] if residual is not None else [])
+    if residual is not None and (residual.shape != out.shape or residual.dtype != out.dtype):
+        raise ValueError(f"oneDNN convolution: a residual of {residual.shape} {residual.dtype} for an output of "
+                         f"{out.shape} {out.dtype}")
+    aliases = {len(operands) - 1: 0} if residual is not None else None
+    return _call("forward", out, operands, x.shape, (kh, kw), stride, pads, aliases, bias=bias is not None,
+                 sum=residual is not None, relu=bool(relu))
 
 
 def conv_bwd_data(g: jax.Array, kernel: jax.Array, x_shape, stride: int, pads) -> jax.Array:
     """The input gradient of :func:`conv_forward` (input of ``x_shape``) for the output cotangent ``g``."""
     _require()
     out = jax.ShapeDtypeStruct(tuple(x_shape), g.dtype)
-    return _call("bwd_data", out, g, kernel, x_shape, kernel.shape[:2], stride, pads)
+    return _call("bwd_data", out, (g, kernel), x_shape, kernel.shape[:2], stride, pads)
 
 
 def conv_bwd_weights(x: jax.Array, g: jax.Array, kernel_hw, stride: int, pads) -> jax.Array:
@@ -187,7 +202,7 @@ def conv_bwd_weights(x: jax.Array, g: jax.Array, kernel_hw, stride: int, pads) -
     _require()
     shape = (*kernel_hw, x.shape[3], g.shape[3])
     out = jax.ShapeDtypeStruct(shape, jnp.float32)
-    return _call("bwd_weights", out, x, g, x.shape, tuple(kernel_hw), stride, pads)
+    return _call("bwd_weights", out, (x, g), x.shape, tuple(kernel_hw), stride, pads)
 
 
 __all__ = ["ENV_DISABLE", "SERVES", "available", "conv_bwd_data", "conv_bwd_weights", "conv_forward", "status",

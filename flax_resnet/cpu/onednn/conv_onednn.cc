@@ -1,6 +1,8 @@
 // oneDNN convolutions behind XLA's FFI (CPU; float32 or bfloat16 operands).
 //
-//   flax_resnet_onednn_forward(x[N,H,W,C], w[KH,KW,C,CO]) -> y[N,OH,OW,CO]
+//   flax_resnet_onednn_forward(x[N,H,W,C], w[KH,KW,C,CO], [bias[CO]], [residual[N,OH,OW,CO]]) -> y[N,OH,OW,CO]
+//     y = [relu](conv(x, w) [+ bias] [+ residual]); attributes bias, sum, relu (bools) say which. The
+//     residual is oneDNN's sum post-op: the caller aliases it with y (it is added in place).
 //   flax_resnet_onednn_bwd_data(g[N,OH,OW,CO], w[KH,KW,C,CO]) -> dx[N,H,W,C]
 //   flax_resnet_onednn_bwd_weights(x[N,H,W,C], g[N,OH,OW,CO]) -> dw[KH,KW,C,CO]
 // attributes: stride, pt, pb, pl, pr (zero padding top/bottom/left/right).
@@ -14,6 +16,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -38,9 +41,14 @@ enum Op : int64_t { kForward = 0, kBwdData = 1, kBwdWeights = 2 };
 struct Spec {
   int64_t op, n, h, w, c, co, kh, kw, stride, pt, pb, pl, pr;
   dnnl_data_type_t dt_x, dt_w, dt_y;  // input/g, kernel, result (forward: y, bwd_data: dx, bwd_weights: dw)
+  // Forward only: the bias's dtype (undef: none), the residual added (sum post-op), a ReLU last.
+  dnnl_data_type_t dt_b = dnnl_data_type_undef;
+  bool sum = false, relu = false;
   int64_t oh() const { return (h + pt + pb - kh) / stride + 1; }
   int64_t ow() const { return (w + pl + pr - kw) / stride + 1; }
-  std::array<int64_t, 16> key() const { return {op, n, h, w, c, co, kh, kw, stride, pt, pb, pl, pr, dt_x, dt_w, dt_y}; }
+  std::array<int64_t, 19> key() const {
+    return {op, n, h, w, c, co, kh, kw, stride, pt, pb, pl, pr, dt_x, dt_w, dt_y, dt_b, sum, relu};
+  }
 };
 
 struct Primitive {
@@ -48,7 +56,7 @@ struct Primitive {
   dnnl_primitive_t prim = nullptr;
   dnnl_primitive_desc_t reorder_pd = nullptr;  // HWIO -> the primitive's kernel layout, or back (bwd_weights)
   dnnl_primitive_t reorder = nullptr;
-  Md x, w, y;  // NHWC / HWIO as XLA holds them (x: src or diff_src, y: dst or diff_dst)
+  Md x, w, y, b;  // NHWC / HWIO / [CO] as XLA holds them (x: src or diff_src, y: dst or diff_dst)
   MdRef w_prim = nullptr, scratch = nullptr, reorder_scratch = nullptr;
   size_t w_prim_bytes = 0;
 };
@@ -60,6 +68,7 @@ dnnl_status_t create_pd(const Spec& s, const Primitive& p, const Md& w_any, cons
                         dnnl_primitive_attr_t attr, dnnl_primitive_desc_t* out) {
   const dnnl_dims_t strides = {s.stride, s.stride}, dil = {0, 0}, pad_l = {s.pt, s.pl}, pad_r = {s.pb, s.pr};
   const bool fwd = s.op == kForward;
+  const MdRef bias = fwd && s.dt_b != dnnl_data_type_undef ? p.b.get() : nullptr;
 #if DNNL_VERSION_MAJOR >= 3
   dnnl_primitive_desc_t hint = nullptr;
   if (!fwd) {
@@ -71,7 +80,7 @@ dnnl_status_t create_pd(const Spec& s, const Primitive& p, const Md& w_any, cons
   dnnl_status_t st;
   if (fwd)
     st = dnnl_convolution_forward_primitive_desc_create(out, engine(), dnnl_forward_inference, dnnl_convolution_direct,
-                                                        p.x.get(), w_any.get(), nullptr, p.y.get(), strides, dil,
+                                                        p.x.get(), w_any.get(), bias, p.y.get(), strides, dil,
                                                         pad_l, pad_r, attr);
   else if (s.op == kBwdData)
     st = dnnl_convolution_backward_data_primitive_desc_create(out, engine(), dnnl_convolution_direct, p.x.get(),
@@ -88,7 +97,7 @@ dnnl_status_t create_pd(const Spec& s, const Primitive& p, const Md& w_any, cons
   dnnl_convolution_desc_t hint_d, d;
   dnnl_primitive_desc_t hint = nullptr;
   dnnl_status_t st = dnnl_convolution_forward_desc_init(&hint_d, fwd ? dnnl_forward_inference : dnnl_forward_training,
-                                                        dnnl_convolution_direct, p.x.get(), w_hint.get(), nullptr,
+                                                        dnnl_convolution_direct, p.x.get(), w_hint.get(), bias,
                                                         p.y.get(), strides, pad_l, pad_r);
   if (st != dnnl_success) return st;
   if (fwd) return dnnl_primitive_desc_create(out, &hint_d, attr, engine(), nullptr);
@@ -105,6 +114,23 @@ dnnl_status_t create_pd(const Spec& s, const Primitive& p, const Md& w_any, cons
 #endif
 }
 
+// The forward's post-ops on `attr`: the sum (residual already in dst), then the ReLU.
+dnnl_status_t set_post_ops(const Spec& s, dnnl_primitive_attr_t attr) {
+  if (!s.sum && !s.relu) return dnnl_success;
+  dnnl_post_ops_t po = nullptr;
+  dnnl_status_t st = dnnl_post_ops_create(&po);
+#if DNNL_VERSION_MAJOR >= 3
+  if (st == dnnl_success && s.sum) st = dnnl_post_ops_append_sum(po, 1.f, 0, dnnl_data_type_undef);
+  if (st == dnnl_success && s.relu) st = dnnl_post_ops_append_eltwise(po, dnnl_eltwise_relu, 0.f, 0.f);
+#else
+  if (st == dnnl_success && s.sum) st = dnnl_post_ops_append_sum(po, 1.f);
+  if (st == dnnl_success && s.relu) st = dnnl_post_ops_append_eltwise(po, 1.f, dnnl_eltwise_relu, 0.f, 0.f);
+#endif
+  if (st == dnnl_success) st = dnnl_primitive_attr_set_post_ops(attr, po);
+  if (po) dnnl_post_ops_destroy(po);
+  return st;
+}
+
 // Builds the primitive for `s` (nullptr and a message on failure).
 std::unique_ptr<Primitive> make(const Spec& s, std::string* error) {
   auto p = std::make_unique<Primitive>();
@@ -116,16 +142,20 @@ std::unique_ptr<Primitive> make(const Spec& s, std::string* error) {
   const dnnl_data_type_t x_dt = s.op == kBwdData ? s.dt_y : s.dt_x;
   const dnnl_data_type_t y_dt = s.op == kForward ? s.dt_y : s.dt_x;
   const dnnl_data_type_t w_dt = s.op == kBwdWeights ? s.dt_y : s.dt_w;
+  const dnnl_dims_t bd = {s.co}, bs = {1};
   Md w_any, w_hint;
-  dnnl_primitive_attr_t attr = nullptr;
+  dnnl_primitive_attr_t attr = nullptr, conv_attr = nullptr;  // the reorder's; the convolution's (+ post-ops)
   dnnl_status_t st = p->x.strided(4, xd, x_dt, xs);
+  if (st == dnnl_success && s.dt_b != dnnl_data_type_undef) st = p->b.strided(1, bd, s.dt_b, bs);
   if (st == dnnl_success) st = p->y.strided(4, yd, y_dt, ys);
   if (st == dnnl_success) st = p->w.strided(4, wd, w_dt, ws);
   if (st == dnnl_success) st = w_any.any(4, wd, w_dt);
   if (st == dnnl_success) st = w_hint.any(4, wd, s.dt_x);
   if (st == dnnl_success) st = dnnl_primitive_attr_create(&attr);
   if (st == dnnl_success) st = dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user);
-  if (st == dnnl_success) st = create_pd(s, *p, w_any, w_hint, attr, &p->pd);
+  if (st == dnnl_success) st = dnnl_primitive_attr_clone(&conv_attr, attr);
+  if (st == dnnl_success) st = set_post_ops(s, conv_attr);
+  if (st == dnnl_success) st = create_pd(s, *p, w_any, w_hint, conv_attr, &p->pd);
   if (st == dnnl_success) st = dnnl_primitive_create(&p->prim, p->pd);
   if (st == dnnl_success) {
     p->w_prim = dnnl_primitive_desc_query_md(p->pd, s.op == kBwdWeights ? dnnl_query_diff_weights_md
@@ -141,6 +171,7 @@ std::unique_ptr<Primitive> make(const Spec& s, std::string* error) {
     }
   }
   if (attr) dnnl_primitive_attr_destroy(attr);
+  if (conv_attr) dnnl_primitive_attr_destroy(conv_attr);
   if (st != dnnl_success) {
     *error = "oneDNN could not create the primitive (status " + std::to_string(static_cast<int>(st)) + ")";
     return nullptr;  // the handles leak: a failure is reported once and the shape falls back in Python
@@ -150,7 +181,7 @@ std::unique_ptr<Primitive> make(const Spec& s, std::string* error) {
 
 const Primitive* lookup(const Spec& s, std::string* error) {
   static std::mutex mu;
-  static std::map<std::array<int64_t, 16>, std::unique_ptr<Primitive>> cache;
+  static std::map<std::array<int64_t, 19>, std::unique_ptr<Primitive>> cache;
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(s.key());
   if (it != cache.end()) return it->second.get();
@@ -174,13 +205,16 @@ dnnl_status_t reorder(const Primitive& p, void* hwio, void* prim_layout, bool to
                          {DNNL_ARG_SCRATCHPAD, sp.m}});
 }
 
-// One primitive call on images [n0, n0 + s.n) of the operands: a (x or g), b (w or g), out (y, dx or dw).
-dnnl_status_t run_chunk(const Primitive& p, const Spec& s, const char* a, const char* b, char* out) {
+// One primitive call on images [n0, n0 + s.n) of the operands: a (x or g), b (w or g), out (y, dx or dw);
+// `bias`: the forward's, or null.
+dnnl_status_t run_chunk(const Primitive& p, const Spec& s, const char* a, const char* b, char* out, const char* bias) {
   thread_local std::vector<char> scratch;
   Mem sp(p.scratch, buffer(scratch, p.scratch));
   if (s.op == kForward) {
     Mem x(p.x.get(), const_cast<char*>(a)), w(p.w_prim, const_cast<char*>(b)), y(p.y.get(), out);
-    return run(p.prim, {{DNNL_ARG_SRC, x.m}, {DNNL_ARG_WEIGHTS, w.m}, {DNNL_ARG_DST, y.m}, {DNNL_ARG_SCRATCHPAD, sp.m}});
+    Mem bm(bias ? p.b.get() : nullptr, const_cast<char*>(bias));
+    return run(p.prim, {{DNNL_ARG_SRC, x.m}, {DNNL_ARG_WEIGHTS, w.m}, {DNNL_ARG_BIAS, bm.m}, {DNNL_ARG_DST, y.m},
+                        {DNNL_ARG_SCRATCHPAD, sp.m}});
   }
   if (s.op == kBwdData) {
     Mem g(p.y.get(), const_cast<char*>(a)), w(p.w_prim, const_cast<char*>(b)), dx(p.x.get(), out);
@@ -199,7 +233,8 @@ size_t width(dnnl_data_type_t t) { return t == dnnl_f32 ? 4 : 2; }
 // whatever the chunking). Kernel gradients: a chunk count set by the batch alone (4, 2 or 1),
 // each chunk's sum in its own buffer, the buffers then added in chunk order: the same bits
 // whatever the thread count.
-ffi::Error execute(ffi::ThreadPool& pool, const Spec& whole, const void* a, const void* b, void* out) {
+ffi::Error execute(ffi::ThreadPool& pool, const Spec& whole, const void* a, const void* b, void* out,
+                   const void* bias = nullptr) {
   OneThread single;
   if (!engine() || !stream()) return ffi::Error::Internal("flax_resnet onednn: no CPU engine");
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
@@ -233,7 +268,7 @@ ffi::Error execute(ffi::ThreadPool& pool, const Spec& whole, const void* a, cons
       const char* bk = s.op == kBwdWeights ? static_cast<const char*>(b) + k * s.n * b_step : w;
       char* ok = s.op == kBwdWeights ? (direct ? static_cast<char*>(out) : weights.data() + k * p->w_prim_bytes)
                                      : static_cast<char*>(out) + k * s.n * out_step;
-      dnnl_status_t r = run_chunk(*p, s, ak, bk, ok);
+      dnnl_status_t r = run_chunk(*p, s, ak, bk, ok, static_cast<const char*>(bias));
       if (r == dnnl_success) r = dnnl_stream_wait(stream());
       if (r != dnnl_success) failed.store(r);
     });
@@ -281,9 +316,23 @@ ffi::Error geometry(Spec& s, ffi::Span<const int64_t> x, ffi::Span<const int64_t
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, int64_t stride, int64_t pt,
-                   int64_t pb, int64_t pl, int64_t pr) {
+// `rest`: the bias (if `bias`), then the residual (if `sum`), which the caller aliases with y.
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArgs rest,
+                   ffi::Result<ffi::AnyBuffer> y, int64_t stride, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                   bool bias, bool sum, bool relu) {
   Spec s{kForward, 0, 0, 0, 0, 0, 0, 0, stride, pt, pb, pl, pr, dnnl_f32, dnnl_f32, dnnl_f32};
+  s.sum = sum, s.relu = relu;
+  if (rest.size() != static_cast<size_t>(bias) + static_cast<size_t>(sum))
+    return ffi::Error::InvalidArgument("flax_resnet onednn: operands do not match the bias and sum attributes");
+  const void* bias_data = nullptr;
+  if (bias) {
+    auto b = rest.get<ffi::AnyBuffer>(0);
+    if (b.has_error()) return b.error();
+    if (!dims_are(b->dimensions(), {w.dimensions().size() == 4 ? w.dimensions()[3] : -1}) ||
+        !dnnl_type(b->element_type(), &s.dt_b))
+      return ffi::Error::InvalidArgument("flax_resnet onednn: the bias must be [CO], float32 or bfloat16");
+    bias_data = b->untyped_data();
+  }
   auto wd = w.dimensions();
   if (wd.size() != 4 || x.dimensions().size() != 4 || wd[2] != x.dimensions()[3] || y->dimensions().size() != 4 ||
       wd[3] != y->dimensions()[3])
@@ -293,7 +342,15 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi
       e.failure())
     return e;
   if (s.n == 0) return ffi::Error::Success();
-  return execute(pool, s, x.untyped_data(), w.untyped_data(), y->untyped_data());
+  if (sum) {  // the residual is the sum post-op's operand: it must be in y already
+    auto r = rest.get<ffi::AnyBuffer>(bias ? 1 : 0);
+    if (r.has_error()) return r.error();
+    if (r->element_type() != y->element_type() || !dims_are(r->dimensions(), {s.n, s.oh(), s.ow(), s.co}))
+      return ffi::Error::InvalidArgument("flax_resnet onednn: the residual must match the output");
+    if (r->untyped_data() != y->untyped_data())  // not aliased by the caller
+      std::memcpy(y->untyped_data(), r->untyped_data(), y->size_bytes());
+  }
+  return execute(pool, s, x.untyped_data(), w.untyped_data(), y->untyped_data(), bias_data);
 }
 
 ffi::Error BwdData(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx, int64_t stride, int64_t pt,
@@ -346,7 +403,21 @@ ffi::Error BwdWeights(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g, 
                                     .Attr<int64_t>("pl")                                                        \
                                     .Attr<int64_t>("pr"))
 
-FLAX_RESNET_ONEDNN_BIND(flax_resnet_onednn_forward, Forward);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(flax_resnet_onednn_forward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pb")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("pr")
+                                  .Attr<bool>("bias")
+                                  .Attr<bool>("sum")
+                                  .Attr<bool>("relu"));
 FLAX_RESNET_ONEDNN_BIND(flax_resnet_onednn_bwd_data, BwdData);
 FLAX_RESNET_ONEDNN_BIND(flax_resnet_onednn_bwd_weights, BwdWeights);
 
