@@ -9,6 +9,7 @@ import errno
 import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import jax
@@ -121,3 +122,45 @@ def test_a_full_disk_stops_training_with_one_line_and_keeps_the_checkpoints(digi
     finally:
         if mounted:
             subprocess.run(["umount", str(small)], check=False)
+
+
+def test_background_saves_write_the_state_as_given_even_once_its_buffers_are_donated(tmp_path, monkeypatch):
+    from flax_resnet.training.saving import SaveQueue
+
+    state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(7)}
+    expected = jax.device_get(state)
+    donated = threading.Event()
+    with Checkpointer(tmp_path) as ck:
+        for name in ("save", "save_best"):  # the worker starts writing only once the loop has moved on
+            original = getattr(ck, name)
+            monkeypatch.setattr(ck, name, lambda *a, _f=original, **k: (donated.wait(10), _f(*a, **k))[1])
+        saves = SaveQueue(ck, background=True)
+        saves.save(7, state, {"step": 7}, {"model": "x"}, force=True)
+        saves.save_best(7, state, {"step": 7}, {"model": "x"}, {"epoch": 1}, 0.5)
+        assert saves.is_saved(7)  # queued
+        for leaf in jax.tree.leaves(state):  # what the next train step does to the state it was given
+            leaf.delete()
+        donated.set()
+        assert not saves.is_saved(8)
+        saves.wait()
+        saves.close()
+        abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in expected.items()}
+        for which in ("latest", "best"):
+            got = jax.device_get(ck.restore(abstract, which)[0])
+            assert all((got[k] == expected[k]).all() for k in expected), which
+        assert ck.best_metric() == 0.5
+
+
+def test_a_background_save_failing_surfaces_on_the_loops_thread(tmp_path, monkeypatch):
+    from flax_resnet.training.saving import SaveQueue
+
+    state = {"w": jnp.arange(4.0)}
+    ck = Checkpointer(tmp_path)
+    saves = SaveQueue(ck, background=True)
+    monkeypatch.setattr(ck, "save", lambda *a, **k: (_ for _ in ()).throw(
+        DiskFullError("no space left for a checkpoint in X")))
+    saves.save(2, state, {}, {}, force=True)
+    with pytest.raises(DiskFullError, match="no space left"):
+        saves.wait()
+    saves.close()
+    ck.close()

@@ -38,6 +38,7 @@ from flax_resnet.training.epoch import global_batches, report_epoch, train_epoch
 from flax_resnet.training.profiling import PhaseTimes, StepProfiler
 from flax_resnet.training.evaluation import eval_batch_size, eval_batches, evaluate_split, image_size, normalize
 from flax_resnet.training.restore import restore_model
+from flax_resnet.training.saving import SaveQueue
 from flax_resnet.training.resume_checks import check_resumable as _check_resumable, info_dict
 from flax_resnet.training.state import (
     abstract_train_state, compute_dtype, count_params, create_train_state, ema_decay, model_graph, transfer_weights,
@@ -212,6 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 state = _init_weights_from(init_from, state, mesh, new_head=new_head)
                 say(f"initialised from {init_from}" + (" (new head)" if new_head else ""))
         say(f"model: {config.model} ({count_params(state.params):,} params, compute {jnp.dtype(dtype).name})")
+        saves = SaveQueue(ckpt, background=bool(config.async_checkpointing) and jax.process_count() == 1)
+        stack.callback(saves.close)  # before ckpt.close: queued saves finish first
 
         # One compiled step per set of BatchNorm-frozen groups (gradual unfreezing switches at a group's epoch).
         train_fns, graphs = {}, {optimizer.frozen_bn_groups(config, 0): graph}
@@ -239,7 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         stack.callback(profiler.close)
 
         def diverged(at: int, what: str) -> TrainingDivergedError:
-            last = ckpt.latest_step()
+            last = saves.latest_step()
             kept = (f"the last good checkpoint, step {last} in {ckpt.workdir / 'checkpoints'}, is intact"
                     if last is not None else "no checkpoint was written")
             return TrainingDivergedError(
@@ -254,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
 
         def save(st, n, save_meta=meta, *, force=False):
             """Every save goes through here: never a state with NaN/inf in it."""
-            if ckpt.is_saved(n):
+            if saves.is_saved(n):
                 return
             if not bool(state_is_finite(st.params, st.batch_stats, st.opt_state)):
                 raise diverged(n, "the model state has NaN/inf values")
@@ -262,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             if position.get("step") != n:  # the iterator is pulled on demand, so this is a bug
                 raise RuntimeError(f"data iterator at batch {position.get('step')} but state at step {n}")
             with times("checkpoints"):
-                ckpt.save(n, st, position, config_dict, save_meta, force=force)
+                saves.save(n, st, position, config_dict, save_meta, force=force)
 
         best_top1, best_epoch = ckpt.best_metric() or 0.0, 0
         by_ema = config.get("best_metric", "test_top1") == "ema_test_top1"
@@ -304,8 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             if stopped:
                 if step > start_step:
                     save(state, step, force=True)
-                ckpt.wait()
-                saved = ckpt.latest_step()
+                saves.wait()
+                saved = saves.latest_step()
                 say(f"stopped by {guard.signal_name or 'request'} at step {step}: "
                     + (f"checkpoint saved in {ckpt.workdir / 'checkpoints' / str(saved)}; rerun the same command "
                        "to resume" if saved is not None else "nothing trained yet, nothing saved"))
@@ -318,15 +321,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             if score(final) > best_top1:
                 best_top1, best_epoch = score(final), epoch + 1
                 with times("checkpoints"):
-                    ckpt.save_best(step, state, data_position(), config_dict, epoch_meta, score(final))
+                    saves.save_best(step, state, data_position(), config_dict, epoch_meta, score(final))
             if on_epoch_end is not None:
-                ckpt.wait()
+                saves.wait()
                 on_epoch_end(epoch + 1, {**record, "step": step, "best_top1": best_top1})
         if not final and not stopped:  # nothing left to train (a finished run): just report
             final = evaluate(state)
+        run_logging.plot_curves(workdir, title=f"{config.model} on {info.name}")  # while the last saves write
         with times("checkpoints"):
-            ckpt.wait()
-    run_logging.plot_curves(workdir, title=f"{config.model} on {info.name}")
+            saves.wait()
     wall = time.perf_counter() - t_start
     ips = float(np.median(rates[1:] if len(rates) > 1 else rates)) if rates else 0.0
     final = final or {"top1": float("nan"), "loss": float("nan"), **({"ema": {"top1": float("nan")}} if by_ema else {})}
