@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from flax_resnet import cpu, parallel
 from flax_resnet.data.augment import normalize_constants
@@ -179,11 +180,8 @@ def eval_step(
     Returns ``loss`` (sum of unsmoothed cross-entropy), ``correct`` (top-1 count),
     ``correct5`` (top-5 count, when ``num_classes > 5``) and ``count``.
     """
-    logits, _ = graph.apply(
-        state.params, state.batch_stats, prepare_images(batch["image"], compute_dtype, image_mean, image_std),
-        train=False,
-    )
-    logits = logits.astype(jnp.float32)
+    images = prepare_images(batch["image"], compute_dtype, image_mean, image_std)
+    logits = eval_logits(graph, state.params, state.batch_stats, images).astype(jnp.float32)
     labels = batch["label"]
     mask = batch.get("mask")
     mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
@@ -197,9 +195,21 @@ def eval_step(
     return out
 
 
+def eval_logits(graph: ModelGraph, params, batch_stats, images: jax.Array) -> jax.Array:
+    """The model's eval-mode logits. A model built from the CPU backend's layers, traced for one
+    device, runs as :mod:`flax_resnet.cpu.inference`'s fused graph (BatchNorm folded, bias,
+    residual and ReLU in the convolutions; the same logits to float32 rounding); any other as
+    itself (``graph.apply``)."""
+    if graph.cpu_fast_path:
+        fused = cpu.inference.trace(nnx.merge(graph.eval_graph, params, batch_stats))
+        if fused is not None:
+            return cpu.inference.run(fused, images)
+    return graph.apply(params, batch_stats, images, train=False)[0]
+
+
 def predict_step(state: TrainState, images: jax.Array, *, graph: ModelGraph, compute_dtype=jnp.float32):
-    """Class probabilities (float32 softmax) for a batch of images, eval mode."""
-    logits, _ = graph.apply(state.params, state.batch_stats, images.astype(compute_dtype), train=False)
+    """Class probabilities (float32 softmax) for a batch of images, eval mode (:func:`eval_logits`)."""
+    logits = eval_logits(graph, state.params, state.batch_stats, images.astype(compute_dtype))
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
