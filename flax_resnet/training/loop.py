@@ -297,6 +297,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             batches = global_batches(data_iter, mesh, first)
         for epoch in range(step // steps_per_epoch, num_epochs):
             epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
+            if epoch == num_epochs - 1:
+                run_logging.warm_plotting()
             state, step, train_rows, epoch_rates, stopped = train_epoch(
                 train_fn_at, state, batches, step=step, epoch=epoch, num_epochs=num_epochs,
                 epoch_start=epoch * steps_per_epoch, epoch_end=epoch_end, config=config, logger=logger,
