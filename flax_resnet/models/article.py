@@ -19,7 +19,7 @@ one per block, ``fc`` the head); :func:`torch_keys` maps them to the article's s
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -27,15 +27,10 @@ from flax import nnx
 
 from flax_resnet.errors import UserError
 from flax_resnet.models.head import ClassifierHead
-from flax_resnet.models.layers import BatchNorm, Layers
+from flax_resnet.models.layers import BatchNorm, Layers, max_pool
 
 WIDTH = 64
 _MODULES_PER_BLOCK = 6  # ResidualBlock, BatchNorm, ReLU, MaxPool, BatchNorm, ReLU
-
-
-def max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
-    """PyTorch's ``MaxPool2d(3, stride, padding=1)``: the padding is -inf, so it never wins."""
-    return nnx.max_pool(x, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))
 
 
 class ArticleLayer(nnx.Module):
@@ -47,13 +42,14 @@ class ArticleLayer(nnx.Module):
         self.conv2 = make.conv(WIDTH, WIDTH, 3, bias=True)
         self.bn = make.norm(WIDTH)
         self.pool_stride = pool_stride
+        self.max_pool = make.max_pool  # a function: static, no parameters
         self.pool_bn = make.norm(WIDTH) if pool_stride else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.conv2(nnx.relu(self.conv1(x))) + x
         x = nnx.relu(self.bn(x))
         if self.pool_bn is not None:
-            x = nnx.relu(self.pool_bn(max_pool_3x3(x, self.pool_stride)))
+            x = nnx.relu(self.pool_bn(self.max_pool(x, 3, self.pool_stride, 1)))
         return x
 
 
@@ -64,7 +60,7 @@ class ArticleResNet(ClassifierHead):
       num_blocks: residual blocks (the article's 9).
       num_classes: size of the classifier; 0 builds no head.
       in_channels: input image channels (the article's 3).
-      dtype, param_dtype, bn_momentum, bn_epsilon, conv, norm, rngs: as
+      dtype, param_dtype, bn_momentum, bn_epsilon, conv, norm, pool, rngs: as
         :class:`~flax_resnet.models.resnet.ResNet`.
     """
 
@@ -74,13 +70,15 @@ class ArticleResNet(ClassifierHead):
     def __init__(self, num_blocks: int = 9, num_classes: int = 10, *, in_channels: int = 3,
                  dtype: Any = None, param_dtype: Any = jnp.float32, bn_momentum: float = 0.9,
                  bn_epsilon: float = 1e-5, conv: type[nnx.Conv] = nnx.Conv, norm: type[BatchNorm] = BatchNorm,
-                 rngs: nnx.Rngs):
+                 pool: Callable[..., jax.Array] = max_pool, rngs: nnx.Rngs):
         if num_blocks < 1:
             raise UserError(f"num_blocks must be at least 1, got {num_blocks}")
-        make = Layers(rngs, dtype, param_dtype, bn_momentum, bn_epsilon, conv=conv, norm=norm, init="pytorch")
+        make = Layers(rngs, dtype, param_dtype, bn_momentum, bn_epsilon, conv=conv, norm=norm, pool=pool,
+                      init="pytorch")
         self.dtype = dtype
         self.num_blocks = num_blocks
         self.conv1 = make.conv(in_channels, WIDTH, 7, 2, bias=True)
+        self.max_pool = make.max_pool  # a function: static, no parameters
         for i in range(num_blocks):
             stride = None if i == num_blocks - 1 else (1 if i == 0 else 2)
             setattr(self, f"layer{i + 1}", ArticleLayer(stride, make=make))
@@ -93,7 +91,7 @@ class ArticleResNet(ClassifierHead):
     def forward_features(self, x: jax.Array, *, return_intermediates: bool = False):
         """Stem and blocks: the unpooled feature map ``[N, h, w, 64]`` (and, if asked, each block's output)."""
         x = x.astype(self.dtype) if self.dtype is not None else x
-        x = max_pool_3x3(self.conv1(x), 2)
+        x = self.max_pool(self.conv1(x), 3, 2, 1)
         intermediates = {"stem": x}
         for i, layer in enumerate(self.stages()):
             x = layer(x)

@@ -2,16 +2,17 @@
 
 :class:`Layers` makes every convolution and BatchNorm of one network, so all of them share
 dtypes and BatchNorm settings. Its ``conv`` and ``norm`` arguments are the layer *classes*
-(as the Flax ImageNet example passes ``conv``/``norm`` module types): a backend substitutes
-its own (:mod:`flax_resnet.cpu` does, on CPU) without the model knowing. Any substitute must
-keep the constructor signature and the parameters of ``nnx.Conv`` / :class:`BatchNorm`, so
+(as the Flax ImageNet example passes ``conv``/``norm`` module types), its ``pool`` the max-pool
+function: a backend substitutes its own (:mod:`flax_resnet.cpu` does, on CPU) without the
+model knowing. Any substitute must keep the constructor signature and the parameters of
+``nnx.Conv`` / :class:`BatchNorm` (and :func:`max_pool`'s signature and values), so
 checkpoints and converted weights fit either way.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +72,12 @@ def normalize(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array | 
         y = y + bias
         args.append(bias)
     return jnp.asarray(y, dtype if dtype is not None else jnp.result_type(*args))
+
+
+def max_pool(x: jax.Array, window: int, stride: int, pad: int = 0) -> jax.Array:
+    """PyTorch's ``MaxPool2d(window, stride, pad)`` on NHWC ``x``: ``nnx.max_pool`` with symmetric
+    padding, which is ``-inf`` and so never wins the max."""
+    return nnx.max_pool(x, (window, window), strides=(stride, stride), padding=((pad, pad), (pad, pad)))
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -142,6 +149,9 @@ class Layers:
       bn_epsilon: 1e-5, as PyTorch.
       conv: the convolution class (``nnx.Conv`` or a subclass with its signature and parameters).
       norm: the BatchNorm class (:class:`BatchNorm` or a subclass).
+      pool: the max-pool function, called as ``make.max_pool(x, window, stride, pad)``
+        (:func:`max_pool` or a function with its signature and values). A model keeps it as an
+        attribute (a static one: no parameters, nothing in a checkpoint).
       init: "torchvision" (convs kaiming-normal, fan-out) or "pytorch" (``nn.Conv2d``'s
         default, :func:`uniform_fan_in` for weight and bias), for networks written with
         PyTorch's defaults, such as the article's.
@@ -150,7 +160,7 @@ class Layers:
     def __init__(self, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32,
                  bn_momentum: float = 0.9, bn_epsilon: float = 1e-5, *,
                  conv: type[nnx.Conv] = nnx.Conv, norm: type[BatchNorm] = BatchNorm,
-                 init: str = "torchvision"):
+                 pool: Callable[..., jax.Array] = max_pool, init: str = "torchvision"):
         if init not in ("torchvision", "pytorch"):
             raise ValueError(f"init must be 'torchvision' or 'pytorch', got {init!r}")
         self.init = init
@@ -158,6 +168,7 @@ class Layers:
         self.dtype, self.param_dtype = dtype, param_dtype
         self.bn_momentum, self.bn_epsilon = bn_momentum, bn_epsilon
         self.conv_cls, self.norm_cls = conv, norm
+        self.max_pool = pool
 
     def conv(self, cin: int, cout: int, kernel: int, stride: int = 1, *, groups: int = 1,
              bias: bool = False) -> nnx.Conv:

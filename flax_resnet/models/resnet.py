@@ -9,7 +9,7 @@ Layout is NHWC.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,14 +17,9 @@ from flax import nnx
 
 from flax_resnet.models.blocks import BLOCKS, Shortcut
 from flax_resnet.models.head import ClassifierHead
-from flax_resnet.models.layers import BatchNorm, Layers
+from flax_resnet.models.layers import BatchNorm, Layers, max_pool
 
 Stem = Literal["imagenet", "cifar", "article"]
-
-
-def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """PyTorch's ``MaxPool2d(3, stride=2, padding=1)`` (padding never wins the max)."""
-    return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
 class ResNet(ClassifierHead):
@@ -45,9 +40,10 @@ class ResNet(ClassifierHead):
       zero_init_residual: zero the last BatchNorm scale of each residual branch (Goyal et al.).
       dtype: computation dtype (e.g. ``jnp.bfloat16``); params stay in ``param_dtype``.
       bn_momentum, bn_epsilon: Flax-convention momentum (0.9 == PyTorch 0.1) and epsilon.
-      conv, norm: the layer classes (default ``nnx.Conv`` and
-        :class:`~flax_resnet.models.layers.BatchNorm`); a backend passes its own substitutes
-        with the same parameters (:func:`flax_resnet.cpu.layers`).
+      conv, norm, pool: the layer classes (default ``nnx.Conv`` and
+        :class:`~flax_resnet.models.layers.BatchNorm`) and the max-pool function (default
+        :func:`~flax_resnet.models.layers.max_pool`); a backend passes its own substitutes
+        with the same parameters and values (:func:`flax_resnet.cpu.layers`).
       rngs: NNX random streams.
     """
 
@@ -57,11 +53,13 @@ class ResNet(ClassifierHead):
                  base_width: int = 64, zero_init_residual: bool = False,
                  dtype: Any = None, param_dtype: Any = jnp.float32,
                  bn_momentum: float = 0.9, bn_epsilon: float = 1e-5,
-                 conv: type[nnx.Conv] = nnx.Conv, norm: type[BatchNorm] = BatchNorm, rngs: nnx.Rngs):
+                 conv: type[nnx.Conv] = nnx.Conv, norm: type[BatchNorm] = BatchNorm,
+                 pool: Callable[..., jax.Array] = max_pool, rngs: nnx.Rngs):
         if len(layers) != len(widths):
             raise ValueError(f"layers {tuple(layers)} and widths {tuple(widths)} differ in length")
-        make = Layers(rngs, dtype, param_dtype, bn_momentum, bn_epsilon, conv=conv, norm=norm)
+        make = Layers(rngs, dtype, param_dtype, bn_momentum, bn_epsilon, conv=conv, norm=norm, pool=pool)
         block_cls = BLOCKS[block]
+        self.max_pool = make.max_pool  # a function: static, no parameters
         self.stem = stem
         self.preact = block.startswith("preact")
         self.dtype = dtype
@@ -103,11 +101,11 @@ class ResNet(ClassifierHead):
         if self.bn1 is not None:
             x = nnx.relu(self.bn1(x))
         if self.stem != "cifar":
-            x = max_pool_3x3_s2(x)
+            x = self.max_pool(x, 3, 2, 1)  # PyTorch's MaxPool2d(3, stride=2, padding=1)
         intermediates = {"stem": x}
         for i, stage in enumerate(self.stages()):
             if self.stem == "article" and i > 0:
-                x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+                x = self.max_pool(x, 2, 2)
             for block in stage:
                 x = block(x)
             intermediates[f"layer{i + 1}"] = x
