@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flax_resnet import cpu, parallel
-from flax_resnet.cpu import batchnorm, convs
+from flax_resnet.cpu import batchnorm, convs, pooling
 from flax_resnet.models import Layers, create_model
 from flax_resnet.training import split_model
 
@@ -82,13 +82,16 @@ def test_kxk_kernel_gradient_is_xlas_bit_for_bit():
 
 
 def test_model_with_fast_formulations_matches_plain_model():
-    # A whole network (strided 3x3 convs, option-A shortcuts): same loss and gradients.
-    for name, kw in (("resnet8", {}),):
+    # Whole networks: same loss and gradients. ResNet-8 (strided 3x3 convs, option-A shortcuts);
+    # ResNet-18 at 64x64 (the 7x7/2 stem, the 3x3/2 max-pool with its hand-written backward,
+    # projection shortcuts).
+    for name, kw, size, batch in (("resnet18", {"num_classes": 10}, 64, 2), ("resnet8", {}, 32, 4)):
         fast = cpu.create_model(name, **kw)
         plain = create_model(name, **kw)
-        size = 32
-        x = jax.random.normal(jax.random.key(2), (4, size, size, 3))
-        l_fast, g_fast = nnx.jit(nnx.value_and_grad(_loss))(fast, x)  # nnx.jit: the stats updates reach the model
+        x = jax.random.normal(jax.random.key(2), (batch, size, size, 3))
+        with mock.patch.object(pooling, "max_pool_2d", wraps=pooling.max_pool_2d) as pool_spy:
+            l_fast, g_fast = nnx.jit(nnx.value_and_grad(_loss))(fast, x)  # nnx.jit: the stats updates reach the model
+        assert pool_spy.call_count == (1 if name == "resnet18" else 0)
         l_plain, g_plain = nnx.jit(nnx.value_and_grad(_loss))(plain, x)
         chex.assert_trees_all_close(l_fast, l_plain, rtol=1e-4)
         fa, pa = nnx.state(g_fast, nnx.Param), nnx.state(g_plain, nnx.Param)

@@ -5,6 +5,8 @@
   (:func:`layers`); the same parameters, computed with custom-VJP formulations
   (:mod:`~flax_resnet.cpu.convs`, :mod:`~flax_resnet.cpu.batchnorm`) and native direct
   convolution kernels behind XLA's FFI (:mod:`~flax_resnet.cpu.native`, built on first use).
+* :func:`max_pool` (:mod:`~flax_resnet.cpu.pooling`): the model's max-pool with its backward
+  pass written out (no index arrays, no scatter), passed through the same factory.
 * :func:`jit`: ``jax.jit`` with the XLA:CPU compiler options (:mod:`~flax_resnet.cpu.xla`) and
   the native kernels traced in on one-device meshes only.
 * :func:`tune_host_allocator` (:mod:`~flax_resnet.cpu.allocator`): a process-wide setting the
@@ -28,17 +30,19 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from flax_resnet.cpu import native, onednn, xla
+from flax_resnet.cpu import native, onednn, pooling, xla
 from flax_resnet.cpu import inference  # noqa: F401  (cpu.inference: the fused eval forward)
 from flax_resnet.cpu.allocator import ENV_NO_MALLOC_TUNING, host_allocator_tuned, tune_host_allocator
 from flax_resnet.cpu.fast_layers import FastBatchNorm, FastConv
+from flax_resnet.cpu.pooling import max_pool
 from flax_resnet.cpu.xla import COMPILER_OPTIONS, compiler_options
 from flax_resnet.models import registry
 
 
-def layers() -> dict[str, type]:
-    """The layer classes of the CPU backend, as keyword arguments of ``create_model`` / ``ResNet``."""
-    return {"conv": FastConv, "norm": FastBatchNorm}
+def layers() -> dict[str, Any]:
+    """The layer classes and max-pool function of the CPU backend, as keyword arguments of
+    ``create_model`` / ``ResNet`` / :class:`~flax_resnet.models.layers.Layers`."""
+    return {"conv": FastConv, "norm": FastBatchNorm, "pool": max_pool}
 
 
 def create_model(name: str, num_classes: int | None = None, **kwargs: Any):
@@ -77,5 +81,5 @@ def jit(fn: Callable, *, mesh: jax.sharding.Mesh | None = None, compiler_options
 
 
 __all__ = ["COMPILER_OPTIONS", "ENV_NO_MALLOC_TUNING", "FastBatchNorm", "FastConv", "compiler_options", "create_model",
-           "host_allocator_tuned", "jit", "layers", "native", "onednn", "tune_host_allocator", "uses_fast_layers",
-           "with_native_convs"]
+           "host_allocator_tuned", "jit", "layers", "max_pool", "native", "onednn", "pooling", "tune_host_allocator",
+           "uses_fast_layers", "with_native_convs"]
