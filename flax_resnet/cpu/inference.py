@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flax_resnet.cpu import convs, library, onednn
+from flax_resnet.cpu import convs, library, onednn, pooling
 from flax_resnet.errors import UserError
 from flax_resnet.export import graph as graph_lib
 from flax_resnet.export.graph import INPUT, Graph, Op
@@ -101,15 +101,24 @@ def _run_conv(op: Op, args: list[jax.Array]) -> jax.Array:
                 args[1] if len(args) > 1 else None, bool(a.get("relu")))
 
 
+def _square_pool(a) -> bool:
+    return len(set(a["window"])) == len(set(a["strides"])) == 1 and len({p for pair in a["pads"] for p in pair}) == 1
+
+
 def run(graph: Graph, x: jax.Array) -> jax.Array:
     """Applies a (fused or plain) ``graph`` to an NHWC batch, every activation in ``x``'s dtype;
-    the convolutions as :func:`conv`, the other ops as :func:`flax_resnet.export.graph.run_op`."""
+    the convolutions as :func:`conv`, max-pools as :func:`flax_resnet.cpu.pooling.max_pool` (the
+    strided taps' max: far quicker on XLA:CPU than a reduce-window), the other ops as
+    :func:`flax_resnet.export.graph.run_op`."""
     dtype = x.dtype
     values = {INPUT: x}
     for op in graph.ops:
         args = [values[i] for i in op.inputs]
         if op.kind in ("conv", "fused_conv"):
             values[op.output] = _run_conv(op, args)
+        elif op.kind == "max_pool" and _square_pool(op.attrs):
+            values[op.output] = pooling.max_pool(args[0], op.attrs["window"][0], op.attrs["strides"][0],
+                                                 op.attrs["pads"][0][0])
         else:
             values[op.output] = graph_lib.run_op(op, args).astype(dtype)
     return values[graph.output]
