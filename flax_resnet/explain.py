@@ -56,7 +56,7 @@ def forward_from(model: nnx.Module, layer: str, features: jax.Array) -> jax.Arra
     x = features
     for i in range(names.index(layer), len(stages)):
         if getattr(model, "stem", None) == "article" and i > 0:  # ResNet's article stem pools between stages
-            x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+            x = model.max_pool(x, 2, 2)
         stage = stages[i]
         x = apply_sequence(stage, x) if isinstance(stage, nnx.List) else stage(x)
     if getattr(model, "bn_final", None) is not None:
