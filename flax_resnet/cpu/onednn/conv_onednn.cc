@@ -114,23 +114,6 @@ dnnl_status_t create_pd(const Spec& s, const Primitive& p, const Md& w_any, cons
 #endif
 }
 
-// The forward's post-ops on `attr`: the sum (residual already in dst), then the ReLU.
-dnnl_status_t set_post_ops(const Spec& s, dnnl_primitive_attr_t attr) {
-  if (!s.sum && !s.relu) return dnnl_success;
-  dnnl_post_ops_t po = nullptr;
-  dnnl_status_t st = dnnl_post_ops_create(&po);
-#if DNNL_VERSION_MAJOR >= 3
-  if (st == dnnl_success && s.sum) st = dnnl_post_ops_append_sum(po, 1.f, 0, dnnl_data_type_undef);
-  if (st == dnnl_success && s.relu) st = dnnl_post_ops_append_eltwise(po, dnnl_eltwise_relu, 0.f, 0.f);
-#else
-  if (st == dnnl_success && s.sum) st = dnnl_post_ops_append_sum(po, 1.f);
-  if (st == dnnl_success && s.relu) st = dnnl_post_ops_append_eltwise(po, 1.f, dnnl_eltwise_relu, 0.f, 0.f);
-#endif
-  if (st == dnnl_success) st = dnnl_primitive_attr_set_post_ops(attr, po);
-  if (po) dnnl_post_ops_destroy(po);
-  return st;
-}
-
 // Builds the primitive for `s` (nullptr and a message on failure).
 std::unique_ptr<Primitive> make(const Spec& s, std::string* error) {
   auto p = std::make_unique<Primitive>();
@@ -154,7 +137,7 @@ std::unique_ptr<Primitive> make(const Spec& s, std::string* error) {
   if (st == dnnl_success) st = dnnl_primitive_attr_create(&attr);
   if (st == dnnl_success) st = dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user);
   if (st == dnnl_success) st = dnnl_primitive_attr_clone(&conv_attr, attr);
-  if (st == dnnl_success) st = set_post_ops(s, conv_attr);
+  if (st == dnnl_success) st = set_post_ops(s.sum, s.relu, conv_attr);
   if (st == dnnl_success) st = create_pd(s, *p, w_any, w_hint, conv_attr, &p->pd);
   if (st == dnnl_success) st = dnnl_primitive_create(&p->prim, p->pd);
   if (st == dnnl_success) {

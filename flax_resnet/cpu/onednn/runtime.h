@@ -1,6 +1,6 @@
 // The oneDNN C API pieces conv_onednn.cc builds on: memory descriptors across oneDNN 2.x (structs)
 // and 3.x (handles), the process's CPU engine and a stream per thread, memory objects over XLA's
-// buffers, and running oneDNN on the calling thread alone.
+// buffers, post-ops (2.x and 3.x signatures), and running oneDNN on the calling thread alone.
 #pragma once
 
 #include <dlfcn.h>
@@ -82,6 +82,23 @@ void* buffer(std::vector<char>& v, MdRef md) {
   const size_t bytes = md ? dnnl_memory_desc_get_size(md) : 0;
   if (v.size() < bytes) v.resize(bytes);
   return bytes ? v.data() : nullptr;
+}
+
+// Post-ops on `attr`: a sum (dst's previous contents added), then a ReLU; nothing if neither.
+inline dnnl_status_t set_post_ops(bool sum, bool relu, dnnl_primitive_attr_t attr) {
+  if (!sum && !relu) return dnnl_success;
+  dnnl_post_ops_t po = nullptr;
+  dnnl_status_t st = dnnl_post_ops_create(&po);
+#if DNNL_VERSION_MAJOR >= 3
+  if (st == dnnl_success && sum) st = dnnl_post_ops_append_sum(po, 1.f, 0, dnnl_data_type_undef);
+  if (st == dnnl_success && relu) st = dnnl_post_ops_append_eltwise(po, dnnl_eltwise_relu, 0.f, 0.f);
+#else
+  if (st == dnnl_success && sum) st = dnnl_post_ops_append_sum(po, 1.f);
+  if (st == dnnl_success && relu) st = dnnl_post_ops_append_eltwise(po, 1.f, dnnl_eltwise_relu, 0.f, 0.f);
+#endif
+  if (st == dnnl_success) st = dnnl_primitive_attr_set_post_ops(attr, po);
+  if (po) dnnl_post_ops_destroy(po);
+  return st;
 }
 
 // Each thread that calls oneDNN runs it on itself alone: the threads are XLA's (parallel_for), not an
