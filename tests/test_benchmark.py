@@ -106,7 +106,8 @@ def test_job_race_times_both_jobs_and_both_learn(digits_data_dir, tmp_path, caps
         assert r[side]["breakdown"]["start_to_first_step_s"] > 0 and r[side]["breakdown"]["first_epoch_s"] > 0
     b = r["ours"]["breakdown"]
     assert 0 < b["start_to_model_s"] < b["start_to_first_step_s"] < r["ours"]["wall_s"]
-    assert b["eval_total_s"] > 0 and b["checkpoint_total_s"] > 0 and b["exit_s"] >= 0
+    # checkpoints: the loop's waits, 0.0 s once saves run on their worker thread
+    assert b["eval_total_s"] > 0 and b["checkpoint_total_s"] >= 0 and b["exit_s"] >= 0
     assert r["ratio"] == pytest.approx(r["ours"]["wall_s"] / r["torch"]["wall_s"])
     assert (tmp_path / "race" / "ours_run0" / "checkpoints").is_dir()  # our job kept its outputs
 
