@@ -17,7 +17,7 @@ from flax import nnx
 
 from flax_resnet import cpu, parallel
 from flax_resnet.cpu import inference, library, onednn
-from flax_resnet.export import graph as graph_lib
+from flax_resnet.models import graph as graph_lib
 from flax_resnet.training import split_model, steps
 from flax_resnet.training.state import TrainState
 

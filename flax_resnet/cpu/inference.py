@@ -2,7 +2,7 @@
 
 A ResNet's eval forward is convolutions, each followed by BatchNorm with running statistics,
 often a residual add and a ReLU: elementwise passes that each re-read and re-write the whole
-activation. Here the model's own :func:`flax_resnet.export.graph.trace` (``xp=jax.numpy``:
+activation. Here the model's own :func:`flax_resnet.models.graph.trace` (``xp=jax.numpy``:
 float32 folding on the live, traced parameters, inside the jitted step) folds every BatchNorm
 that follows a conv into it, :func:`fuse` merges ``conv -> [add] -> [relu]`` chains into one
 ``fused_conv`` op, and :func:`run` executes the list: oneDNN's convolution with its bias, sum and
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 
 from flax_resnet.cpu import convs, library, onednn, pooling
 from flax_resnet.errors import UserError
-from flax_resnet.export import graph as graph_lib
-from flax_resnet.export.graph import INPUT, Graph, Op
+from flax_resnet.models import graph as graph_lib
+from flax_resnet.models.graph import INPUT, Graph, Op
 
 
 def _consumers(ops: list[Op], output: str) -> dict[str, int]:
@@ -109,7 +109,7 @@ def run(graph: Graph, x: jax.Array) -> jax.Array:
     """Applies a (fused or plain) ``graph`` to an NHWC batch, every activation in ``x``'s dtype;
     the convolutions as :func:`conv`, max-pools as :func:`flax_resnet.cpu.pooling.max_pool` (the
     strided taps' max: far quicker on XLA:CPU than a reduce-window), the other ops as
-    :func:`flax_resnet.export.graph.run_op`."""
+    :func:`flax_resnet.models.graph.run_op`."""
     dtype = x.dtype
     values = {INPUT: x}
     for op in graph.ops:
@@ -127,7 +127,7 @@ def run(graph: Graph, x: jax.Array) -> jax.Array:
 def trace(model) -> Graph | None:
     """The fused eval graph of ``model`` where it is to run fused, else None: custom calls on (one
     device: :func:`flax_resnet.cpu.jit`), the CPU backend, and a model
-    :func:`flax_resnet.export.graph.trace` knows. Folded in float32 from the variables' current
+    :func:`flax_resnet.models.graph.trace` knows. Folded in float32 from the variables' current
     (under ``jax.jit``, traced) values; the BatchNorms' running statistics are what is folded."""
     if not library.custom_calls_on() or jax.default_backend() != "cpu":
         return None

@@ -8,7 +8,7 @@ contract, files, verification).
 """
 
 from flax_resnet.export.exporting import FORMATS, ExportResult, contract_path_for, export, input_contract
-from flax_resnet.export.graph import Graph, Op, run, trace
+from flax_resnet.models.graph import Graph, Op, run, trace
 from flax_resnet.export.onnx_graph import to_onnx
 from flax_resnet.export.source import ExportSource, from_run, from_weights, plain_model
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from flax_resnet.errors import UserError
 from flax_resnet.export import onnx_graph, stablehlo
-from flax_resnet.export.graph import Graph, trace
+from flax_resnet.models.graph import Graph, trace
 from flax_resnet.export.source import ExportSource, from_run, from_weights
 
 FORMATS = ("onnx", "stablehlo")

@@ -1,4 +1,4 @@
-"""A :class:`~flax_resnet.export.graph.Graph` as an ONNX model, written with the ``onnx`` package's helper API.
+"""A :class:`~flax_resnet.models.graph.Graph` as an ONNX model, written with the ``onnx`` package's helper API.
 
 The ONNX model takes NCHW (``images``: float32 ``[batch, C, H, W]``, the layout ONNX runtimes
 and PyTorch exports use) and returns ``logits`` ``[batch, classes]``; ``batch`` is symbolic.
@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from flax_resnet.errors import UserError
-from flax_resnet.export.graph import INPUT, Graph, Op
+from flax_resnet.models.graph import INPUT, Graph, Op
 
 OPSET = 17
 IR_VERSION = 8  # the IR version of opset 17: runtimes from onnxruntime 1.13 on load it

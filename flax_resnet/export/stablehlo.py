@@ -1,4 +1,4 @@
-"""A :class:`~flax_resnet.export.graph.Graph` as serialised StableHLO, through :mod:`jax.export`.
+"""A :class:`~flax_resnet.models.graph.Graph` as serialised StableHLO, through :mod:`jax.export`.
 
 The artefact is ``jax.export.Exported.serialize()``: versioned StableHLO with the weights as
 constants, for CPU, CUDA and TPU, taking NHWC float32 ``[batch, H, W, C]`` with a symbolic
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_resnet.errors import UserError
-from flax_resnet.export.graph import Graph, run
+from flax_resnet.models.graph import Graph, run
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 

@@ -31,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_resnet.errors import UserError
-from flax_resnet.models import (ArticleBlock, ArticleResNet, BasicBlock, Bottleneck, PlainBlock, PreActBasicBlock,
-                                PreActBottleneck, ResNet)
-from flax_resnet.models.article import ArticleLayer
+from flax_resnet.models.article import ArticleLayer, ArticleResNet
+from flax_resnet.models.blocks import (ArticleBlock, BasicBlock, Bottleneck, PlainBlock, PreActBasicBlock,
+                                       PreActBottleneck)
+from flax_resnet.models.resnet import ResNet
 
 INPUT = "input"
 
