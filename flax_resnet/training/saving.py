@@ -41,10 +41,6 @@ class SaveQueue:
         self._pending: list[concurrent.futures.Future] = []
         self._queued_latest: set[int] = set()
 
-    @property
-    def background(self) -> bool:
-        return self._pool is not None
-
     def _settle(self, *, block: bool) -> None:
         """Raises the first failure among finished saves; with ``block``, waits for all first."""
         if block:
