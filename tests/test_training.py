@@ -134,6 +134,8 @@ def test_train_metrics(runs):
 class LinearGraph:
     """A stand-in for ModelGraph: logits = flatten(x) @ w (no BatchNorm)."""
 
+    cpu_fast_path = False  # plain XLA, as ModelGraph says for a model without the CPU backend's layers
+
     def apply(self, params, batch_stats, x, *, train):
         return x.reshape(x.shape[0], -1) @ params["w"], batch_stats
 

@@ -199,8 +199,8 @@ def eval_logits(graph: ModelGraph, params, batch_stats, images: jax.Array) -> ja
     """The model's eval-mode logits. A model built from the CPU backend's layers, traced for one
     device, runs as :mod:`flax_resnet.cpu.inference`'s fused graph (BatchNorm folded, bias,
     residual and ReLU in the convolutions; the same logits to float32 rounding); any other as
-    itself (``graph.apply``; also any graph-like object with only an ``apply``)."""
-    if getattr(graph, "cpu_fast_path", False):
+    itself (``graph.apply``)."""
+    if graph.cpu_fast_path:
         fused = cpu.inference.trace(nnx.merge(graph.eval_graph, params, batch_stats))
         if fused is not None:
             return cpu.inference.run(fused, images)
