@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import chex
 import jax.numpy as jnp
@@ -16,10 +18,21 @@ from flax_resnet.training import split_model
 
 
 # --------------------------------------------------------------------------- harness
+def _torch_compile_in_workers(monkeypatch, stub: str) -> None:
+    """Starts the PyTorch runners' processes with ``torch.compile`` replaced by ``def compile(model)``'s
+    body ``stub`` (inductor takes minutes on 2 cores)."""
+    from flax_resnet.benchmark import runners, torch_worker
+
+    body = "\n".join("    " + line for line in stub.splitlines())
+    code = (f"import runpy, torch\ndef compile(model):\n{body}\ntorch.compile = compile\n"
+            f"runpy.run_path({torch_worker.__file__!r}, run_name='__main__')")
+    monkeypatch.setattr(runners, "TORCH_WORKER_ARGV", [sys.executable, "-P", "-c", code])
+
+
 def test_benchmark_cli_writes_json_with_the_documented_keys(tmp_path, capsys, monkeypatch):
-    torch = pytest.importorskip("torch")
-    compiled = []  # inductor takes minutes on 2 cores: a stand-in that records what it was given
-    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    pytest.importorskip("torch")
+    compiled = tmp_path / "compiled"  # a stand-in for torch.compile that records its calls
+    _torch_compile_in_workers(monkeypatch, f"open({str(compiled)!r}, 'a').write('model\\n')\nreturn model")
     out = tmp_path / "bench.json"
     rc = cli.main(["benchmark", "--model", "resnet8", "--batch", "8", "--steps", "2", "--repeats", "1",
                    "--warmup", "1", "--compare-torch", "--torch-compile", "--output", str(out)])
@@ -44,7 +57,7 @@ def test_benchmark_cli_writes_json_with_the_documented_keys(tmp_path, capsys, mo
     assert len(result["environment"]["load_average"]) == 3
     assert result["environment"]["native_conv"]["available"] == cpu.native.available()
     # torch.compile is a third runner beside eager PyTorch, with its own result and ratios.
-    assert len(compiled) == 1 and result["torch"]["compiled"] is False
+    assert compiled.read_text() == "model\n" and result["torch"]["compiled"] is False
     tc = result["variants"]["torch_compile"]
     assert tc["result"]["compiled"] is True and tc["result"]["eval_compile_s"] > 0
     for kind in ("train", "eval"):
@@ -68,16 +81,26 @@ def test_compile_cache_outcome_tells_a_load_from_a_compile():
 
 
 def test_benchmark_times_eager_torch_when_torch_compile_fails(monkeypatch):
-    torch = pytest.importorskip("torch")
-
-    def no_compiler(model):
-        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
-
-    monkeypatch.setattr(torch, "compile", no_compiler)
+    pytest.importorskip("torch")
+    _torch_compile_in_workers(monkeypatch, 'raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\\n'
+                                           'more detail")')
     r = benchmark.run_benchmark(benchmark.BenchmarkConfig(model="resnet8", batch=8, steps=1, repeats=1, warmup=0,
                                                           eval=False, torch_compile=True))
     assert r["variants"]["torch_compile"] == {"error": "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"}
     assert r["torch"]["train"]["images_per_sec"] > 0 and r["ratio"]["train"] > 0
+
+
+def test_torch_runner_runs_in_its_own_process_without_jax():
+    pytest.importorskip("torch")
+    runner = benchmark.build_torch(benchmark.BenchmarkConfig(model="resnet8", batch=4, eval=False), 32, 10)
+    try:
+        assert runner.name == "torch" and runner.eval is None
+        assert runner.info["pid"] != os.getpid() and runner.info["imports_jax"] is False
+        assert runner.train(2) > 0 and runner.cpu_seconds() > 0  # wall, and the child's own CPU seconds
+    finally:
+        runner.close()
+    with pytest.raises(ProcessLookupError):  # quit, and waited for
+        os.kill(runner.info["pid"], 0)
 
 
 def test_loop_overhead_runs_the_real_loop(digits_data_dir):

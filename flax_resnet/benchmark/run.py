@@ -21,10 +21,12 @@ decay), on a fixed synthetic batch, and reports as JSON:
 
 With ``compare_torch`` an equivalent PyTorch model (:mod:`flax_resnet.benchmark.torch_twin`,
 channels_last, ``torch.optim.SGD`` with the same momentum and kernel-only weight decay) runs
-in the same process, its repeats *interleaved* with ours (ours, theirs, ours, ...), so both
-see the same machine load; ``ratio`` is ours/theirs images/s (> 1: we are faster). With
-``torch_compile`` the same model under ``torch.compile`` is a third runner in that interleaving, its
-result and ratios in ``variants["torch_compile"]`` (or the error, where it does not compile).
+in its own process (:mod:`~flax_resnet.benchmark.torch_worker`: our tuned ``malloc`` and oneDNN
+settings would otherwise be PyTorch's too, fragmenting its memory and shifting its speed), its
+repeats *interleaved* with ours (ours, theirs, ours, ...), so both see the same machine load;
+``ratio`` is ours/theirs images/s (> 1: we are faster). With ``torch_compile`` the same model
+under ``torch.compile`` is a third runner in that interleaving, its result and ratios in
+``variants["torch_compile"]`` (or the error, where it does not compile).
 
 :func:`loop_overhead` measures the other half of the story: images/s through the real
 training loop (:func:`~flax_resnet.training.loop.train_and_evaluate`: data pipeline,
@@ -44,7 +46,9 @@ from typing import Any, Callable
 import jax
 
 from flax_resnet import cpu, models
-from flax_resnet.benchmark.runners import DTYPES, BenchmarkConfig, Runner, build_ours, build_torch, rate_summary
+from flax_resnet.benchmark.runners import (DTYPES, BenchmarkConfig, Runner, TorchWorkerError, build_ours, build_torch,
+                                           rate_summary)
+from flax_resnet.benchmark.torch_worker import error_line
 from flax_resnet.errors import UserError
 
 # The keys every result carries (tests check them; documented in the module docstring).
@@ -68,8 +72,9 @@ def interleaved(runners: list[Runner], kind: str, steps: int, repeats: int,
 
     Each runner first runs ``warmup`` untimed steps; each repeat is preceded by one untimed
     step of the same runner, so caches and thread pools are warm when its clock starts.
-    CPU seconds (all threads of this process) are what a loaded machine cannot inflate much:
-    time spent waiting for a core does not count.
+    CPU seconds (all threads of the runner's own process: this one, or the child a
+    ``Runner.cpu_seconds`` reports for) are what a loaded machine cannot inflate much: time
+    spent waiting for a core does not count.
     """
     fns = [getattr(r, kind) for r in runners]
     for fn in fns:
@@ -78,11 +83,11 @@ def interleaved(runners: list[Runner], kind: str, steps: int, repeats: int,
     walls: list[list[float]] = [[] for _ in fns]
     cpus: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for i, fn in enumerate(fns):
+        for i, (runner, fn) in enumerate(zip(runners, fns)):
             fn(1)
             c = _cpu_seconds()
             walls[i].append(fn(steps))
-            cpus[i].append(_cpu_seconds() - c)
+            cpus[i].append(runner.cpu_seconds() if runner.cpu_seconds else _cpu_seconds() - c)
     return walls, cpus
 
 
@@ -139,28 +144,32 @@ def run_benchmark(cfg: BenchmarkConfig, *, log: Callable[[str], None] = lambda s
     ours = build_ours(cfg, size, num_classes)
     log(f"compiled train step in {ours.info['compile_s']:.1f}s")
     runners = [ours]
-    if cfg.compare_plain:
-        other = build_ours(dataclasses.replace(cfg, cpu_fast_path=False), size, num_classes)
-        other.name = "flax_resnet[plain]"
-        runners.append(other)
-    if cfg.compare_torch or cfg.torch_compile:
-        log("building the PyTorch reference ...")
-        runners.append(build_torch(cfg, size, num_classes))
     compile_error = None
-    if cfg.torch_compile:
-        log("compiling the PyTorch reference with torch.compile ...")
-        try:
-            runners.append(build_torch(cfg, size, num_classes, compiled=True))
-        except Exception as e:  # noqa: BLE001 - inductor needs a working C++ toolchain on CPU
-            compile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            log(f"torch.compile failed, timing eager PyTorch only ({compile_error})")
-    kinds = ["train"] + (["eval"] if cfg.eval else [])
-    walls: dict[str, list[list[float]]] = {}
-    cpus: dict[str, list[list[float]]] = {}
-    for kind in kinds:
-        log(f"timing {kind}: {cfg.repeats} x {cfg.steps} steps"
-            + (f", interleaved: {', '.join(r.name for r in runners)}" if len(runners) > 1 else ""))
-        walls[kind], cpus[kind] = interleaved(runners, kind, cfg.steps, cfg.repeats, cfg.warmup)
+    try:  # PyTorch runners are child processes: closed however this ends
+        if cfg.compare_plain:
+            other = build_ours(dataclasses.replace(cfg, cpu_fast_path=False), size, num_classes)
+            other.name = "flax_resnet[plain]"
+            runners.append(other)
+        if cfg.compare_torch or cfg.torch_compile:
+            log("building the PyTorch reference ...")
+            runners.append(build_torch(cfg, size, num_classes))
+        if cfg.torch_compile:
+            log("compiling the PyTorch reference with torch.compile ...")
+            try:
+                runners.append(build_torch(cfg, size, num_classes, compiled=True))
+            except Exception as e:  # noqa: BLE001 - inductor needs a working C++ toolchain on CPU
+                compile_error = str(e) if isinstance(e, TorchWorkerError) else error_line(e)
+                log(f"torch.compile failed, timing eager PyTorch only ({compile_error})")
+        kinds = ["train"] + (["eval"] if cfg.eval else [])
+        walls: dict[str, list[list[float]]] = {}
+        cpus: dict[str, list[list[float]]] = {}
+        for kind in kinds:
+            log(f"timing {kind}: {cfg.repeats} x {cfg.steps} steps"
+                + (f", interleaved: {', '.join(r.name for r in runners)}" if len(runners) > 1 else ""))
+            walls[kind], cpus[kind] = interleaved(runners, kind, cfg.steps, cfg.repeats, cfg.warmup)
+    finally:
+        for r in runners:
+            r.close()
 
     fwd_flops = models.forward_flops(cfg.model, size, cfg.in_channels)
     train_flops = 3.0 * fwd_flops

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import platform
+import json
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_resnet import parallel
-from flax_resnet.benchmark import torch_twin
+from flax_resnet.benchmark import torch_twin, torch_worker
 from flax_resnet.configs import default
 from flax_resnet.training import schedules, steps
 from flax_resnet.training.optimizer import create_optimizer
@@ -74,12 +75,18 @@ def rate_summary(times: list[float], batch: int, steps: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- timing
 @dataclasses.dataclass
 class Runner:
-    """Runs ``n`` steps and blocks until they are done; returns the seconds taken."""
+    """Runs ``n`` steps and blocks until they are done; returns the seconds taken.
+
+    ``cpu_seconds``: the CPU seconds of the runner's last call, where it runs in another process
+    (None: it runs in this one, measured here). ``close``: releases what it holds (its process).
+    """
 
     name: str
     train: Callable[[int], float]
     eval: Callable[[int], float] | None
     info: dict[str, Any]
+    cpu_seconds: Callable[[], float] | None = None
+    close: Callable[[], None] = lambda: None
 
 
 def _train_config(cfg: BenchmarkConfig):
@@ -93,11 +100,8 @@ def _train_config(cfg: BenchmarkConfig):
     return c
 
 
-def _synthetic_batch(cfg: BenchmarkConfig, size: int, num_classes: int, *, torch_layout: bool = False):
-    rng = np.random.default_rng(cfg.seed)
-    images = rng.standard_normal((cfg.batch, size, size, cfg.in_channels), dtype=np.float32)
-    labels = rng.integers(0, num_classes, cfg.batch).astype(np.int32)
-    return {"image": images, "label": labels}
+def _synthetic_batch(cfg: BenchmarkConfig, size: int, num_classes: int):
+    return torch_worker.synthetic_batch(cfg.seed, cfg.batch, size, cfg.in_channels, num_classes)
 
 
 def _memory_analysis(compiled) -> dict[str, Any]:
@@ -194,71 +198,78 @@ def build_ours(cfg: BenchmarkConfig, size: int, num_classes: int) -> Runner:
     return Runner("flax_resnet", run_train, run_eval, info)
 
 
+class TorchWorkerError(RuntimeError):
+    """The PyTorch worker could not build its runner; the message is its one-line error."""
+
+
+# How the PyTorch worker starts: ``-P`` keeps its folder (this package's modules) off ``sys.path``.
+TORCH_WORKER_ARGV = [sys.executable, "-P", torch_worker.__file__]
+
+
+class TorchProcess:
+    """One :mod:`~flax_resnet.benchmark.torch_worker` child, driven over its pipes (JSON lines)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.proc = subprocess.Popen(TORCH_WORKER_ARGV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.last_cpu_s = 0.0
+
+    def call(self, **req: Any) -> dict[str, Any]:
+        try:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except OSError:  # a broken pipe: it died
+            line = ""
+        if not line:
+            raise RuntimeError(f"the {self.name} runner's process died (exit status {self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self, kind: str, n: int) -> float:
+        reply = self.call(cmd=kind, n=n)
+        self.last_cpu_s = reply["cpu_s"]
+        return reply["wall_s"]
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Asks the child to quit and waits for it; kills it if it does not exit in ``timeout`` s."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.proc.stdin.close()
+        except OSError:  # it died
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+
 def build_torch(cfg: BenchmarkConfig, size: int, num_classes: int, *, compiled: bool = False) -> Runner:
-    """The PyTorch reference: same model, channels_last, SGD momentum 0.9 + kernel-only weight decay;
-    eager, or under ``torch.compile`` (``compiled``: its compilation is in ``compile_s``)."""
-    import torch
+    """The PyTorch reference (:func:`flax_resnet.benchmark.torch_worker.build`), in its own process:
+    same model, channels_last, SGD momentum 0.9 + kernel-only weight decay; eager, or under
+    ``torch.compile`` (``compiled``: its compilation is in ``compile_s``). Call the runner's
+    ``close`` when done.
 
+    Raises:
+      TorchWorkerError: the child could not build it (e.g. ``torch.compile`` without a C++ compiler).
+    """
     config = _train_config(cfg)
-    torch.manual_seed(cfg.seed)
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if on_gpu else "cpu")
-    torch.backends.cudnn.benchmark = True
-    model = torch_twin.create_torch_model(cfg.model, num_classes, cfg.in_channels)
-    model = model.to(device=device, memory_format=torch.channels_last)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]          # conv/linear weights
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]      # biases, BN
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=config.learning_rate, momentum=config.momentum)
-    data = _synthetic_batch(cfg, size, num_classes)
-    x = torch.from_numpy(data["image"]).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last).to(device)
-    y = torch.from_numpy(data["label"]).long().to(device)
-    amp = cfg.dtype == "bfloat16"
-    fwd = torch.compile(model) if compiled else model
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with autocast():
-            loss = torch.nn.functional.cross_entropy(fwd(x).float(), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    t0 = time.perf_counter()
-    model.train()
-    step()
-    sync()
-    compile_s = time.perf_counter() - t0
-
-    def run_train(n: int) -> float:
-        model.train()
-        t = time.perf_counter()
-        for _ in range(n):
-            step()
-        sync()
-        return time.perf_counter() - t
-
-    run_eval = None
-    if cfg.eval:
-        def run_eval(n: int) -> float:
-            model.eval()
-            t = time.perf_counter()
-            with torch.no_grad(), autocast():
-                for _ in range(n):
-                    fwd(x)
-            sync()
-            return time.perf_counter() - t
-
-    info = {"compile_s": compile_s, "version": torch.__version__, "threads": torch.get_num_threads(),
-            "compiled": compiled, "amp_bfloat16": amp, "memory_format": "channels_last",
-            "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu"}
-    if compiled and run_eval is not None:  # eval mode is another graph: compile it here, not in a timed call
-        t0 = time.perf_counter()
-        run_eval(1)
-        info["eval_compile_s"] = time.perf_counter() - t0
-    return Runner("torch.compile" if compiled else "torch", run_train, run_eval, info)
+    request = {"cmd": "build", "compiled": compiled, "model_kwargs": torch_twin.twin_arguments(cfg.model),
+               "num_classes": num_classes, "in_channels": cfg.in_channels, "size": size, "batch": cfg.batch,
+               "seed": cfg.seed, "eval": cfg.eval, "amp_bfloat16": cfg.dtype == "bfloat16",
+               "weight_decay": float(config.weight_decay), "learning_rate": float(config.learning_rate),
+               "momentum": float(config.momentum)}
+    name = "torch.compile" if compiled else "torch"
+    child = TorchProcess(name)
+    try:
+        reply = child.call(**request)
+        if "error" in reply:
+            raise TorchWorkerError(reply["error"])
+    except BaseException:
+        child.close()
+        raise
+    run_eval = (lambda n: child.run("eval", n)) if cfg.eval else None
+    return Runner(name, lambda n: child.run("train", n), run_eval, reply["info"],
+                  cpu_seconds=lambda: child.last_cpu_s, close=child.close)
