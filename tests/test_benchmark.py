@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 
 import chex
@@ -90,12 +91,14 @@ def test_benchmark_times_eager_torch_when_torch_compile_fails(monkeypatch):
     assert r["torch"]["train"]["images_per_sec"] > 0 and r["ratio"]["train"] > 0
 
 
-def test_torch_runner_runs_in_its_own_process_without_jax():
+def test_torch_runner_runs_in_its_own_process_without_jax(monkeypatch):
     pytest.importorskip("torch")
+    monkeypatch.setattr(cpu, "host_allocator_tuned", lambda: True)  # as under `flax-resnet benchmark`
     runner = benchmark.build_torch(benchmark.BenchmarkConfig(model="resnet8", batch=4, eval=False), 32, 10)
     try:
         assert runner.name == "torch" and runner.eval is None
         assert runner.info["pid"] != os.getpid() and runner.info["imports_jax"] is False
+        assert runner.info["host_allocator_tuned"] is (platform.libc_ver()[0] == "glibc")  # the same malloc setting
         assert runner.train(2) > 0 and runner.cpu_seconds() > 0  # wall, and the child's own CPU seconds
     finally:
         runner.close()

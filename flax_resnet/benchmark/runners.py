@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from flax_resnet import parallel
+from flax_resnet import cpu, parallel
 from flax_resnet.benchmark import torch_twin, torch_worker
 from flax_resnet.configs import default
 from flax_resnet.training import schedules, steps
@@ -260,7 +260,10 @@ def build_torch(cfg: BenchmarkConfig, size: int, num_classes: int, *, compiled: 
                "num_classes": num_classes, "in_channels": cfg.in_channels, "size": size, "batch": cfg.batch,
                "seed": cfg.seed, "eval": cfg.eval, "amp_bfloat16": cfg.dtype == "bfloat16",
                "weight_decay": float(config.weight_decay), "learning_rate": float(config.learning_rate),
-               "momentum": float(config.momentum)}
+               "momentum": float(config.momentum),
+               # PyTorch under the same host-allocator setting as our step (flax-resnet tunes it):
+               # with glibc's defaults its >32 MB tensors are fresh mmaps faulted in on every step.
+               "keep_freed_memory": cpu.host_allocator_tuned()}
     name = "torch.compile" if compiled else "torch"
     child = TorchProcess(name)
     try:

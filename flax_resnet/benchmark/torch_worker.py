@@ -1,10 +1,13 @@
 """The PyTorch reference of ``flax-resnet benchmark --compare-torch``, served from its own process.
 
 Run as a script (``python -P torch_worker.py``), never imported there through ``flax_resnet``: it
-imports only the standard library, numpy, torch and :mod:`~flax_resnet.benchmark.torch_job`
-(read from its file), so PyTorch runs with glibc's default ``malloc`` and without JAX's or
-oneDNN's libraries beside it (our process tunes its allocator, see
-:mod:`flax_resnet.cpu.allocator`). The parent (:func:`flax_resnet.benchmark.runners.build_torch`)
+imports only the standard library, numpy, torch and two of our JAX-free modules loaded from their
+files (:mod:`~flax_resnet.benchmark.torch_job`, :mod:`~flax_resnet.cpu.allocator`), so PyTorch
+runs without JAX's or oneDNN's libraries beside it, under the same host-allocator setting as our
+step (the build request's ``keep_freed_memory``: what :func:`flax_resnet.cpu.tune_host_allocator`
+did in the parent; with glibc's defaults a ResNet-50 batch-64 train step of PyTorch page-faults
+its >32 MB tensors in anew every step and ran at a third of its speed). The parent
+(:func:`flax_resnet.benchmark.runners.build_torch`)
 drives it over stdin/stdout, one JSON object a line each way:
 
 * ``{"cmd": "build", ...}`` (model arguments, batch, recipe, ``compiled``) -> ``{"info": {...}}``
@@ -50,8 +53,11 @@ def _cpu_seconds() -> float:
     return u.ru_utime + u.ru_stime
 
 
-def _torch_job():
-    spec = importlib.util.spec_from_file_location("torch_job", Path(__file__).with_name("torch_job.py"))
+def _load_sibling(relative: str):
+    """A module of the package loaded from its file (relative to ``flax_resnet/``), not through
+    ``flax_resnet`` (which imports JAX)."""
+    path = Path(__file__).resolve().parent.parent / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -62,6 +68,8 @@ def build(req: dict[str, Any]) -> tuple[dict[str, Any], Callable[[int], float], 
 
     Same model, channels_last, SGD momentum + kernel-only weight decay; eager, or under
     ``torch.compile`` (``compiled``: its compilation is in ``compile_s``)."""
+    # before torch starts its threads
+    tuned = bool(req.get("keep_freed_memory")) and _load_sibling("cpu/allocator.py").keep_freed_memory()
     import torch
 
     compiled = bool(req["compiled"])
@@ -69,8 +77,9 @@ def build(req: dict[str, Any]) -> tuple[dict[str, Any], Callable[[int], float], 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     torch.backends.cudnn.benchmark = True
-    model = _torch_job().build_model({"model_kwargs": req["model_kwargs"], "num_classes": req["num_classes"],
-                                      "in_channels": req["in_channels"]})
+    torch_job = _load_sibling("benchmark/torch_job.py")
+    model = torch_job.build_model({"model_kwargs": req["model_kwargs"], "num_classes": req["num_classes"],
+                                  "in_channels": req["in_channels"]})
     model = model.to(device=device, memory_format=torch.channels_last)
     decay = [p for p in model.parameters() if p.ndim > 1]          # conv/linear weights
     no_decay = [p for p in model.parameters() if p.ndim <= 1]      # biases, BN
@@ -123,7 +132,8 @@ def build(req: dict[str, Any]) -> tuple[dict[str, Any], Callable[[int], float], 
     info = {"compile_s": compile_s, "version": torch.__version__, "threads": torch.get_num_threads(),
             "compiled": compiled, "amp_bfloat16": amp, "memory_format": "channels_last",
             "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
-            "pid": os.getpid(), "imports_jax": "jax" in sys.modules}
+            "pid": os.getpid(), "imports_jax": "jax" in sys.modules,
+            "host_allocator_tuned": tuned}
     if compiled and run_eval is not None:  # eval mode is another graph: compile it here, not in a timed call
         t0 = time.perf_counter()
         run_eval(1)

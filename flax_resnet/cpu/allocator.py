@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
-
-from flax_resnet.parallel import env_flag
 
 ENV_NO_MALLOC_TUNING = "FLAX_RESNET_NO_MALLOC_TUNING"
 # glibc's mallopt() parameters (<malloc.h>).
@@ -32,7 +31,20 @@ def tune_host_allocator() -> bool:
     global _host_allocator_tuned
     if _host_allocator_tuned:
         return True
-    if env_flag(ENV_NO_MALLOC_TUNING) or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    # parallel.env_flag's rule, spelled out: this module imports nothing of flax_resnet (keep_freed_memory)
+    if os.environ.get(ENV_NO_MALLOC_TUNING, "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    _host_allocator_tuned = keep_freed_memory()
+    return _host_allocator_tuned
+
+
+def keep_freed_memory() -> bool:
+    """The ``mallopt`` calls of :func:`tune_host_allocator`, unconditionally (glibc on Linux only).
+
+    This module imports nothing of ``flax_resnet`` (nor JAX): the benchmark's PyTorch worker loads
+    it by path and runs PyTorch under the same setting as our step
+    (:mod:`flax_resnet.benchmark.torch_worker`)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -42,8 +54,7 @@ def tune_host_allocator() -> bool:
     # M_TRIM_THRESHOLD takes a size_t inside an int: -1 is SIZE_MAX, never trim.
     applied = [mallopt(param, value) == 1 for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
                                                                (_M_TRIM_THRESHOLD, -1))]
-    _host_allocator_tuned = all(applied)
-    return _host_allocator_tuned
+    return all(applied)
 
 
 def host_allocator_tuned() -> bool:
