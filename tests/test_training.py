@@ -13,11 +13,11 @@ import optax
 import chex
 import pytest
 
-from flax_resnet import parallel
+from flax_resnet import cpu as cpu_backend, parallel
 from flax_resnet.checkpoint import Checkpointer
 from flax_resnet.configs import apply_overrides, get_config, list_configs, load_config
 from flax_resnet.errors import UserError
-from flax_resnet.training import schedules, steps
+from flax_resnet.training import epoch, evaluation, schedules, steps
 from flax_resnet.training.evaluation import evaluate_split
 from flax_resnet.training.optimizer import create_optimizer, weight_decay_mask
 from flax_resnet.training.state import abstract_train_state, create_train_state
@@ -515,3 +515,42 @@ def test_restore_without_checkpoint_is_user_error(tmp_path):
 def test_batch_size_must_split_over_devices():
     with pytest.raises(UserError, match="multiple of 8"):
         parallel.check_batch_size(12, parallel.create_mesh())
+
+
+# --------------------------------------------------------------------------- one step in flight
+@pytest.mark.parametrize("on_cpu", [True, False])
+def test_loops_wait_for_each_step_after_fetching_the_next_batch_on_cpu(monkeypatch, on_cpu):
+    monkeypatch.setattr(cpu_backend, "one_step_in_flight", lambda: on_cpu)
+    events = []
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: events.append(f"wait {x if isinstance(x, str) else '-'}"))
+
+    def batches():
+        for i in range(3):
+            events.append(f"fetch {i}")
+            yield {"image": np.zeros((1, 2), np.float32), "label": np.zeros(1, np.int32), "n": i}
+
+    def train_fn(state, batch):
+        events.append(f"step {batch['n']}")
+        return f"state {batch['n']}", {"loss": jnp.float32(1.0)}
+
+    class Log:
+        def log(self, *args):
+            pass
+
+    epoch.train_epoch(lambda step: train_fn, "state init", batches(), step=0, epoch=0, num_epochs=1, epoch_start=0,
+                      epoch_end=3, config=tiny_config(log_every_steps=2, batch_size=1), logger=Log(), save=None,
+                      should_save=lambda s: False, check_metrics=lambda rows, first: None, should_stop=lambda s: False)
+    waits = ["wait state init", "wait state 0", "wait state 1"]
+    assert events == [e for i in range(3) for e in (f"fetch {i}", *waits[i:i + on_cpu], f"step {i}")]
+
+    events.clear()
+    sums = {"loss": jnp.float32(2.0), "correct": jnp.float32(1.0), "count": jnp.float32(2.0)}
+
+    def eval_fn(state, batch):
+        events.append(f"step {batch['n']}")
+        return sums
+
+    monkeypatch.setattr(parallel, "shard_batch", lambda batch, mesh: batch)
+    assert evaluation.evaluate_split(eval_fn, None, batches(), None) == {"loss": 1.0, "top1": 0.5, "count": 6}
+    # the first step waits on nothing yet (None: block_until_ready returns at once)
+    assert events == [e for i in range(3) for e in (f"fetch {i}", *["wait -"][:on_cpu], f"step {i}")]

@@ -147,8 +147,10 @@ def profile(args) -> None:
     runner = build_ours(cfg, size, 10)
     runner.train(2)
     trace_dir = tempfile.mkdtemp(prefix="flax_resnet_profile_")
+    before = resource.getrusage(resource.RUSAGE_SELF)
     with jax.profiler.trace(trace_dir):
         runner.train(args.steps)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     data = _profile_data.ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[-1])
     kinds = collections.Counter()
     for plane in data.planes:
@@ -161,6 +163,11 @@ def profile(args) -> None:
           "(Eigen convolutions run in untraced pool tasks and are missing)")
     for kind, ns in kinds.most_common(12):
         print(f"  {ns / args.steps / 1e6:9.1f} ms  {kind}")
+    # A heap still growing (the step's buffers placed anew: docs/performance.md, "One step in
+    # flight") faults its pages in inside the first ops to write them: such a profile is skewed.
+    faulted = (after.ru_minflt - before.ru_minflt) * resource.getpagesize() / 2**20 / args.steps
+    print(f"  page-faulted in: {faulted:.0f} MB per step, system CPU {(after.ru_stime - before.ru_stime) / args.steps:.2f}"
+          " s per step" + ("  <- a growing heap; run again" if faulted > 64 else ""))
 
 
 def faults(args) -> None:

@@ -1,7 +1,8 @@
 """One epoch of training and its report: the loop's inner part, apart from its set-up.
 
 :func:`train_epoch` runs the jitted steps of one epoch with a progress bar, fetching
-metrics one log interval late so the host never waits on the step it just dispatched;
+metrics one log interval late so that fetching them never waits on a step (on XLA:CPU
+each step still waits for the previous one: one step's buffers in host memory at a time);
 :func:`report_epoch` writes and prints the per-epoch evaluation record.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import jax
 
-from flax_resnet import parallel
+from flax_resnet import cpu, parallel
 from flax_resnet.training import logging as run_logging
 
 
@@ -34,6 +35,8 @@ def train_epoch(train_fn_at, state, batches, *, step, epoch, num_epochs, epoch_s
     (saved by the caller) and on a stop, every outstanding interval is fetched and checked
     first, so no unchecked state is saved. ``should_stop(step)`` is asked before every step;
     ``profiler`` (a :class:`~flax_resnet.training.profiling.StepProfiler`) traces the steps it names.
+    On XLA:CPU (:func:`flax_resnet.cpu.one_step_in_flight`) each step waits for the previous
+    one after its batch is fetched, so one step's buffers are in host memory at a time.
     Returns ``(state, step reached, fetched metric rows, images/s per log interval, stopped)``.
     """
     log_every = max(int(config.log_every_steps), 1)
@@ -68,17 +71,20 @@ def train_epoch(train_fn_at, state, batches, *, step, epoch, num_epochs, epoch_s
         pending, in_flight, in_flight_step = [], pending, step
         return postfix
 
-    stopped = False
+    stopped, wait = False, cpu.one_step_in_flight()
     try:
         while step < epoch_end:
             if should_stop(step):
                 stopped = True
                 break
+            batch = next(batches)
+            if wait:
+                jax.block_until_ready(state)
             if profiler is None:
-                state, metrics = train_fn_at(step)(state, next(batches))
+                state, metrics = train_fn_at(step)(state, batch)
             else:
                 with profiler.step(step):
-                    state, metrics = train_fn_at(step)(state, next(batches))
+                    state, metrics = train_fn_at(step)(state, batch)
                 profiler.after(step + 1, state)
             step += 1
             pending.append(metrics)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flax_resnet import data, parallel
+from flax_resnet import cpu, data, parallel
 from flax_resnet.errors import UserError
 from flax_resnet.training import steps
 
@@ -30,11 +30,15 @@ def evaluate_split(eval_fn, state, batches, mesh) -> dict[str, float]:
     """Runs ``eval_fn`` over every batch of a split; sums stay on device until the end.
 
     Batches carry a ``mask`` (the final one is padded), so every example is counted once.
-    Returns ``loss``, ``top1`` (``top5``) and ``count``.
+    Returns ``loss``, ``top1`` (``top5``) and ``count``. On XLA:CPU one step is in flight at a
+    time (:func:`flax_resnet.cpu.one_step_in_flight`).
     """
-    sums = None
+    sums, wait = None, cpu.one_step_in_flight()
     for batch in batches:
-        out = eval_fn(state, parallel.shard_batch(batch, mesh))
+        batch = parallel.shard_batch(batch, mesh)
+        if wait:
+            jax.block_until_ready(sums)
+        out = eval_fn(state, batch)
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     if sums is None:
         raise UserError("the evaluation split is empty; check --config.eval_split and the dataset")
