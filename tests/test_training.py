@@ -6,6 +6,8 @@ seconds; compiled steps and trained states are shared through module fixtures.
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -517,40 +519,66 @@ def test_batch_size_must_split_over_devices():
         parallel.check_batch_size(12, parallel.create_mesh())
 
 
-# --------------------------------------------------------------------------- one step in flight
-@pytest.mark.parametrize("on_cpu", [True, False])
-def test_loops_wait_for_each_step_after_fetching_the_next_batch_on_cpu(monkeypatch, on_cpu):
-    monkeypatch.setattr(cpu_backend, "one_step_in_flight", lambda: on_cpu)
-    events = []
-    monkeypatch.setattr(jax, "block_until_ready", lambda x: events.append(f"wait {x if isinstance(x, str) else '-'}"))
+# --------------------------------------------------------------------------- steps in flight
+@pytest.mark.parametrize("in_flight", [0, 1, 2])
+def test_loops_bound_the_steps_in_flight_waiting_after_the_next_fetch(monkeypatch, in_flight):
+    events, tags = [], {}
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: events.append(f"wait {tags[id(x)]}"))
 
     def batches():
-        for i in range(3):
+        for i in range(4):
             events.append(f"fetch {i}")
             yield {"image": np.zeros((1, 2), np.float32), "label": np.zeros(1, np.int32), "n": i}
 
     def train_fn(state, batch):
         events.append(f"step {batch['n']}")
-        return f"state {batch['n']}", {"loss": jnp.float32(1.0)}
+        metrics = {"loss": jnp.float32(1.0)}
+        tags[id(metrics)] = batch["n"]
+        return f"state {batch['n']}", metrics
 
     class Log:
         def log(self, *args):
             pass
 
-    epoch.train_epoch(lambda step: train_fn, "state init", batches(), step=0, epoch=0, num_epochs=1, epoch_start=0,
-                      epoch_end=3, config=tiny_config(log_every_steps=2, batch_size=1), logger=Log(), save=None,
-                      should_save=lambda s: False, check_metrics=lambda rows, first: None, should_stop=lambda s: False)
-    waits = ["wait state init", "wait state 0", "wait state 1"]
-    assert events == [e for i in range(3) for e in (f"fetch {i}", *waits[i:i + on_cpu], f"step {i}")]
+    def expected():  # step i waits for step i - in_flight, after fetching its batch
+        return [e for i in range(4)
+                for e in (f"fetch {i}", *([f"wait {i - in_flight}"] if in_flight and i >= in_flight else []), f"step {i}")]
+
+    _, _, rows, _, _ = epoch.train_epoch(
+        lambda step: train_fn, "state init", batches(), step=0, epoch=0, num_epochs=1, epoch_start=0, epoch_end=4,
+        config=tiny_config(log_every_steps=2, batch_size=1), logger=Log(), save=None, should_save=lambda s: False,
+        check_metrics=lambda rows, first: None, should_stop=lambda s: False, max_in_flight=in_flight)
+    assert events == expected() and len(rows) == 4
 
     events.clear()
     sums = {"loss": jnp.float32(2.0), "correct": jnp.float32(1.0), "count": jnp.float32(2.0)}
 
     def eval_fn(state, batch):
         events.append(f"step {batch['n']}")
-        return sums
+        out = dict(sums)
+        tags[id(out)] = batch["n"]
+        return out
 
     monkeypatch.setattr(parallel, "shard_batch", lambda batch, mesh: batch)
-    assert evaluation.evaluate_split(eval_fn, None, batches(), None) == {"loss": 1.0, "top1": 0.5, "count": 6}
-    # the first step waits on nothing yet (None: block_until_ready returns at once)
-    assert events == [e for i in range(3) for e in (f"fetch {i}", *["wait -"][:on_cpu], f"step {i}")]
+    assert evaluation.evaluate_split(eval_fn, None, batches(), None, max_in_flight=in_flight) == {
+        "loss": 1.0, "top1": 0.5, "count": 8}
+    assert events == expected()
+
+
+def test_steps_in_flight_follows_the_compiled_steps_temporaries(monkeypatch):
+    class Compiled:
+        def __init__(self, temp):
+            self.temp = temp
+
+        def memory_analysis(self):
+            if self.temp is None:
+                raise NotImplementedError
+            return types.SimpleNamespace(temp_size_in_bytes=self.temp)
+
+    limit = cpu_backend.QUEUE_TEMP_BYTES
+    assert [cpu_backend.steps_in_flight(c) for c in (Compiled(limit), Compiled(limit + 1), Compiled(None), None)] \
+        == [2, 1, 1, 1]
+    compiled = jax.jit(lambda x: jnp.sin(x) @ x.T).lower(jnp.ones((64, 64))).compile()
+    assert cpu_backend.steps_in_flight(compiled) == 2  # XLA:CPU's memory analysis read, a few KB of temporaries
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert cpu_backend.steps_in_flight(Compiled(1)) == 0  # the device runtime plans its own memory

@@ -163,7 +163,7 @@ def profile(args) -> None:
           "(Eigen convolutions run in untraced pool tasks and are missing)")
     for kind, ns in kinds.most_common(12):
         print(f"  {ns / args.steps / 1e6:9.1f} ms  {kind}")
-    # A heap still growing (the step's buffers placed anew: docs/performance.md, "One step in
+    # A heap still growing (the step's buffers placed anew: docs/performance.md, "Steps in
     # flight") faults its pages in inside the first ops to write them: such a profile is skewed.
     faulted = (after.ru_minflt - before.ru_minflt) * resource.getpagesize() / 2**20 / args.steps
     print(f"  page-faulted in: {faulted:.0f} MB per step, system CPU {(after.ru_stime - before.ru_stime) / args.steps:.2f}"

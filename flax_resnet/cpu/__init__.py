@@ -11,8 +11,9 @@
   the native kernels traced in on one-device meshes only.
 * :func:`tune_host_allocator` (:mod:`~flax_resnet.cpu.allocator`): a process-wide setting the
   ``flax-resnet`` command turns on; opt-in from Python.
-* :func:`one_step_in_flight`: whether a loop waits for each step before dispatching the next
-  (on XLA:CPU it does: the train loop, the evaluation loop and the benchmark).
+* :func:`steps_in_flight`, :class:`StepWindow` (:mod:`~flax_resnet.cpu.dispatch`): how many
+  steps the train loop, the evaluation loop and the benchmark keep dispatched but unfinished
+  on XLA:CPU (one, or two for a step with small temporaries), and the window that keeps to it.
 
 Training on CPU uses the fast layers unless ``config.cpu_fast_path`` is False. From Python::
 
@@ -35,6 +36,7 @@ from flax import nnx
 from flax_resnet.cpu import native, onednn, pooling, xla
 from flax_resnet.cpu import inference  # noqa: F401  (cpu.inference: the fused eval forward)
 from flax_resnet.cpu.allocator import ENV_NO_MALLOC_TUNING, host_allocator_tuned, tune_host_allocator
+from flax_resnet.cpu.dispatch import QUEUE_TEMP_BYTES, StepWindow, steps_in_flight
 from flax_resnet.cpu.fast_layers import FastBatchNorm, FastConv
 from flax_resnet.cpu.pooling import max_pool
 from flax_resnet.cpu.xla import COMPILER_OPTIONS, compiler_options
@@ -73,20 +75,6 @@ def with_native_convs(fn: Callable, on: bool) -> Callable:
     return traced
 
 
-def one_step_in_flight() -> bool:
-    """Whether a loop should wait for its last step before dispatching the next: on XLA:CPU.
-
-    XLA:CPU takes a step's buffers (ResNet-50 b16's train step: about 2 GB of temporaries)
-    from host memory when the step is *dispatched*. With JAX's async dispatch a loop queues
-    steps behind the running one, each holding its own buffers: ResNet-50 b16 grew from 3.0 to
-    7.0 GB resident with three steps queued, and paid for the growth in page faults (3-5 s of
-    system time a step while it lasted; docs/performance.md, "One step in flight"). The host
-    has no device to keep fed, so nothing is lost by waiting, as long as the next batch is
-    fetched before the wait. Elsewhere (GPU, TPU) steps queue as usual.
-    """
-    return jax.default_backend() == "cpu"
-
-
 def jit(fn: Callable, *, mesh: jax.sharding.Mesh | None = None, compiler_options: dict | None = None,
         **jit_kwargs: Any):
     """``jax.jit(fn)`` for a function of a model with the fast layers: the XLA:CPU compiler options,
@@ -96,6 +84,6 @@ def jit(fn: Callable, *, mesh: jax.sharding.Mesh | None = None, compiler_options
     return jax.jit(with_native_convs(fn, devices == 1), compiler_options=options or None, **jit_kwargs)
 
 
-__all__ = ["COMPILER_OPTIONS", "ENV_NO_MALLOC_TUNING", "FastBatchNorm", "FastConv", "compiler_options", "create_model",
-           "host_allocator_tuned", "jit", "layers", "max_pool", "native", "one_step_in_flight", "onednn", "pooling",
-           "tune_host_allocator", "uses_fast_layers", "with_native_convs"]
+__all__ = ["COMPILER_OPTIONS", "ENV_NO_MALLOC_TUNING", "FastBatchNorm", "FastConv", "QUEUE_TEMP_BYTES", "StepWindow",
+           "compiler_options", "create_model", "host_allocator_tuned", "jit", "layers", "max_pool", "native", "onednn",
+           "pooling", "steps_in_flight", "tune_host_allocator", "uses_fast_layers", "with_native_convs"]

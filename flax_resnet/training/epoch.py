@@ -1,8 +1,8 @@
 """One epoch of training and its report: the loop's inner part, apart from its set-up.
 
 :func:`train_epoch` runs the jitted steps of one epoch with a progress bar, fetching
-metrics one log interval late so that fetching them never waits on a step (on XLA:CPU
-each step still waits for the previous one: one step's buffers in host memory at a time);
+metrics one log interval late so that fetching them never waits on a step (on XLA:CPU the
+steps in flight are bounded: :func:`flax_resnet.cpu.steps_in_flight`);
 :func:`report_epoch` writes and prints the per-epoch evaluation record.
 """
 
@@ -23,7 +23,7 @@ def global_batches(data_iter, mesh, first=None):
 
 
 def train_epoch(train_fn_at, state, batches, *, step, epoch, num_epochs, epoch_start, epoch_end, config, logger,
-                 save, should_save, check_metrics, should_stop, profiler=None):
+                 save, should_save, check_metrics, should_stop, profiler=None, max_in_flight=None):
     """Runs the steps ``[step, epoch_end)`` of one epoch with a progress bar.
 
     Metrics stay on device. At each ``log_every_steps`` boundary their host copies are
@@ -35,8 +35,9 @@ def train_epoch(train_fn_at, state, batches, *, step, epoch, num_epochs, epoch_s
     (saved by the caller) and on a stop, every outstanding interval is fetched and checked
     first, so no unchecked state is saved. ``should_stop(step)`` is asked before every step;
     ``profiler`` (a :class:`~flax_resnet.training.profiling.StepProfiler`) traces the steps it names.
-    On XLA:CPU (:func:`flax_resnet.cpu.one_step_in_flight`) each step waits for the previous
-    one after its batch is fetched, so one step's buffers are in host memory at a time.
+    At most ``max_in_flight`` steps are dispatched but unfinished (0: no bound; default
+    :func:`flax_resnet.cpu.steps_in_flight`: on XLA:CPU 1, each step waiting for the last), the
+    wait coming after the step's batch is fetched, so each step's host buffers are bounded.
     Returns ``(state, step reached, fetched metric rows, images/s per log interval, stopped)``.
     """
     log_every = max(int(config.log_every_steps), 1)
@@ -71,15 +72,15 @@ def train_epoch(train_fn_at, state, batches, *, step, epoch, num_epochs, epoch_s
         pending, in_flight, in_flight_step = [], pending, step
         return postfix
 
-    stopped, wait = False, cpu.one_step_in_flight()
+    stopped = False
+    window = cpu.StepWindow(cpu.steps_in_flight() if max_in_flight is None else max_in_flight)
     try:
         while step < epoch_end:
             if should_stop(step):
                 stopped = True
                 break
             batch = next(batches)
-            if wait:
-                jax.block_until_ready(state)
+            window.wait()
             if profiler is None:
                 state, metrics = train_fn_at(step)(state, batch)
             else:
@@ -87,6 +88,7 @@ def train_epoch(train_fn_at, state, batches, *, step, epoch, num_epochs, epoch_s
                     state, metrics = train_fn_at(step)(state, batch)
                 profiler.after(step + 1, state)
             step += 1
+            window.add(metrics)
             pending.append(metrics)
             save_now = step != epoch_end and should_save(step)
             if step == epoch_end or save_now:

@@ -26,19 +26,20 @@ def eval_batch_size(config, mesh) -> int:
     return bs
 
 
-def evaluate_split(eval_fn, state, batches, mesh) -> dict[str, float]:
+def evaluate_split(eval_fn, state, batches, mesh, *, max_in_flight: int | None = None) -> dict[str, float]:
     """Runs ``eval_fn`` over every batch of a split; sums stay on device until the end.
 
     Batches carry a ``mask`` (the final one is padded), so every example is counted once.
-    Returns ``loss``, ``top1`` (``top5``) and ``count``. On XLA:CPU one step is in flight at a
-    time (:func:`flax_resnet.cpu.one_step_in_flight`).
+    Returns ``loss``, ``top1`` (``top5``) and ``count``. At most ``max_in_flight`` steps are in
+    flight (0: no bound; default :func:`flax_resnet.cpu.steps_in_flight`: 1 on XLA:CPU).
     """
-    sums, wait = None, cpu.one_step_in_flight()
+    sums = None
+    window = cpu.StepWindow(cpu.steps_in_flight() if max_in_flight is None else max_in_flight)
     for batch in batches:
         batch = parallel.shard_batch(batch, mesh)
-        if wait:
-            jax.block_until_ready(sums)
+        window.wait()
         out = eval_fn(state, batch)
+        window.add(out)
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     if sums is None:
         raise UserError("the evaluation split is empty; check --config.eval_split and the dataset")

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from flax_resnet import data, models, parallel
+from flax_resnet import cpu, data, models, parallel
 from flax_resnet.checkpoint import Checkpointer
 from flax_resnet.configs import validate_config
 from flax_resnet.training.preemption import PreemptionGuard
@@ -277,22 +277,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 return _evaluate(st)
 
         def _evaluate(st) -> dict:
-            ev = evaluate_split(eval_fn, st, eval_batches(config, info, eval_bs, uint8=True), mesh)
+            ev = evaluate_split(eval_fn, st, eval_batches(config, info, eval_bs, uint8=True), mesh, max_in_flight=in_flight)
             if st.ema is not None:
                 ev["ema"] = evaluate_split(eval_fn, st.ema_weights(), eval_batches(config, info, eval_bs, uint8=True),
-                                           mesh)
+                                           mesh, max_in_flight=in_flight)
             return ev
 
         final: dict[str, float] = {}
         compile_s, rates, times = 0.0, [], PhaseTimes()
         batches = None
         stopped = False
+        in_flight = None  # steps dispatched but unfinished: cpu.steps_in_flight, from the compiled step's temporaries
         if step < total_steps:
             first = parallel.shard_batch(next(data_iter), mesh)
             t0 = time.perf_counter()
             frozen = optimizer.frozen_bn_groups(config, step, steps_per_epoch)
             train_fns[frozen] = train_fn_at(step).lower(state, first).compile()
             compile_s = time.perf_counter() - t0
+            in_flight = cpu.steps_in_flight(train_fns[frozen])  # the eval step's temporaries are smaller
             say(f"compiled train step in {compile_s:.1f}s")
             batches = global_batches(data_iter, mesh, first)
         for epoch in range(step // steps_per_epoch, num_epochs):
@@ -303,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 train_fn_at, state, batches, step=step, epoch=epoch, num_epochs=num_epochs,
                 epoch_start=epoch * steps_per_epoch, epoch_end=epoch_end, config=config, logger=logger,
                 save=save, should_save=ckpt.should_save, check_metrics=check_metrics, should_stop=guard.should_stop,
-                profiler=profiler,
+                profiler=profiler, max_in_flight=in_flight,
             )
             rates += epoch_rates
             if stopped:
