@@ -214,8 +214,10 @@ class TrainIterator:
         self.close()
 
     def __del__(self):
-        with contextlib.suppress(Exception):
+        try:  # no module globals here: at interpreter exit they may already be None
             self.close()
+        except Exception:  # noqa: BLE001 - a finaliser must not raise
+            pass
 
 
 def train_iterator(
