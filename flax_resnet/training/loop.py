@@ -277,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 return _evaluate(st)
 
         def _evaluate(st) -> dict:
-            ev = evaluate_split(eval_fn, st, eval_batches(config, info, eval_bs, uint8=True), mesh, max_in_flight=in_flight)
+            ev = evaluate_split(eval_fn, st, eval_batches(config, info, eval_bs, uint8=True), mesh,
+                                max_in_flight=in_flight)
             if st.ema is not None:
                 ev["ema"] = evaluate_split(eval_fn, st.ema_weights(), eval_batches(config, info, eval_bs, uint8=True),
                                            mesh, max_in_flight=in_flight)
@@ -294,7 +295,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             frozen = optimizer.frozen_bn_groups(config, step, steps_per_epoch)
             train_fns[frozen] = train_fn_at(step).lower(state, first).compile()
             compile_s = time.perf_counter() - t0
-            in_flight = cpu.steps_in_flight(train_fns[frozen])  # the eval step's temporaries are smaller
+            # the eval step reuses the bound: no backward pass, so smaller temporaries unless its batch is far larger
+            in_flight = cpu.steps_in_flight(train_fns[frozen])
             say(f"compiled train step in {compile_s:.1f}s")
             batches = global_batches(data_iter, mesh, first)
         for epoch in range(step // steps_per_epoch, num_epochs):
