@@ -165,9 +165,14 @@ def profile(args) -> None:
         print(f"  {ns / args.steps / 1e6:9.1f} ms  {kind}")
     # A heap still growing (the step's buffers placed anew: docs/performance.md, "Steps in
     # flight") faults its pages in inside the first ops to write them: such a profile is skewed.
-    faulted = (after.ru_minflt - before.ru_minflt) * resource.getpagesize() / 2**20 / args.steps
+    faulted = _faulted_mb(before, after) / args.steps
     print(f"  page-faulted in: {faulted:.0f} MB per step, system CPU {(after.ru_stime - before.ru_stime) / args.steps:.2f}"
           " s per step" + ("  <- a growing heap; run again" if faulted > 64 else ""))
+
+
+def _faulted_mb(before, after) -> float:
+    """MB of memory page-faulted in between two ``resource.getrusage`` readings."""
+    return (after.ru_minflt - before.ru_minflt) * resource.getpagesize() / 2**20
 
 
 def faults(args) -> None:
@@ -182,7 +187,7 @@ def faults(args) -> None:
         before = resource.getrusage(resource.RUSAGE_SELF)
         wall = runner.train(1)
         after = resource.getrusage(resource.RUSAGE_SELF)
-        faulted = (after.ru_minflt - before.ru_minflt) * resource.getpagesize() / 2**20
+        faulted = _faulted_mb(before, after)
         print(f"step {i}: {wall * 1e3:.0f} ms, {faulted:.0f} MB faulted in, sys "
               f"{(after.ru_stime - before.ru_stime) * 1e3:.0f} ms, user {(after.ru_utime - before.ru_utime) * 1e3:.0f} ms, "
               f"max RSS {after.ru_maxrss / 1024:.0f} MB", flush=True)
