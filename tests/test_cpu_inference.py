@@ -73,7 +73,10 @@ def _check_fused_conv(geom, dtype_name):
 @pytest.mark.parametrize("geom", range(len(GEOMETRIES)))
 def test_onednn_post_ops_match_xla(geom, dtype_name):
     hlo = _check_fused_conv(GEOMETRIES[geom], dtype_name)
-    assert TARGET in hlo and "relu = true" in hlo and "sum = true" in hlo
+    if dtype_name == "bfloat16" and not onednn.status()["bfloat16"]:  # oneDNN 2.x below AVX-512: XLA's conv
+        assert TARGET not in hlo
+    else:
+        assert TARGET in hlo and "relu = true" in hlo and "sum = true" in hlo
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)

@@ -83,7 +83,9 @@ def _load() -> None:
         raise FileNotFoundError(f"{ENV_DISABLE} is set")
     lib, path = _recipe().load(_TARGETS)
     lib.flax_resnet_onednn_version.restype = ctypes.c_int
+    lib.flax_resnet_onednn_bfloat16.restype = ctypes.c_int
     _state["version"] = int(lib.flax_resnet_onednn_version())
+    _state["bfloat16"] = bool(lib.flax_resnet_onednn_bfloat16())
     _state["path"] = str(path)
 
 
@@ -108,7 +110,7 @@ def status() -> dict:
     ok = available()
     v = _state.get("version", 0)
     return {"available": ok, "version": f"{v // 10000}.{v // 100 % 100}.{v % 100}" if ok else None,
-            "library": _state.get("path"), "error": _state.get("error")}
+            "bfloat16": ok and _state["bfloat16"], "library": _state.get("path"), "error": _state.get("error")}
 
 
 # Which convolutions oneDNN takes, per dtype and operation: kind of kernel ("kxk": 3x3 and the 7x7
@@ -129,7 +131,8 @@ def supports(x_shape, kernel_shape, dtypes, op: str, stride: int = 1, pads=((0, 
     :func:`flax_resnet.cpu.inference.conv`) of a convolution of NHWC ``x_shape``
     with HWIO ``kernel_shape``, its operands of ``dtypes``, runs on oneDNN: CPU backend, oneDNN
     installed, operands of one dtype, a kind of kernel and width :data:`SERVES` lists for that
-    dtype and operation, a window that fits."""
+    dtype and operation, a window that fits; bfloat16 only where this CPU's oneDNN has it (oneDNN
+    2.x: AVX-512 and up; elsewhere those convolutions stay with XLA)."""
     if not library.custom_calls_on() or jax.default_backend() != "cpu":
         return False
     if len({jnp.dtype(d) for d in dtypes}) != 1:
@@ -142,7 +145,7 @@ def supports(x_shape, kernel_shape, dtypes, op: str, stride: int = 1, pads=((0, 
         return False
     if _exact_pads(x_shape[1], x_shape[2], *kernel_shape[:2], stride, pads) is None:
         return False
-    return available()
+    return available() and (jnp.dtype(dtypes[0]) != jnp.bfloat16 or _state["bfloat16"])
 
 
 def _exact_pads(h, w, kh, kw, stride, pads):

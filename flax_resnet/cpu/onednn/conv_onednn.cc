@@ -408,3 +408,18 @@ FLAX_RESNET_ONEDNN_BIND(flax_resnet_onednn_bwd_weights, BwdWeights);
 extern "C" int flax_resnet_onednn_version() {
   return DNNL_VERSION_MAJOR * 10000 + DNNL_VERSION_MINOR * 100 + DNNL_VERSION_PATCH;
 }
+
+// 1 where this CPU's oneDNN has bfloat16 convolutions: the primitives of a small 3x3 convolution
+// (forward with and without bias + sum + ReLU, input and float32 kernel gradients) can be created.
+// oneDNN 2.x has none below AVX-512 (`unimplemented`: an AVX2-only CPU). The primitives made stay
+// cached like any others.
+extern "C" int flax_resnet_onednn_bfloat16() {
+  std::string error;
+  Spec fused{kForward, 2, 8, 8, 16, 16, 3, 3, 1, 1, 1, 1, 1, dnnl_bf16, dnnl_bf16, dnnl_bf16};
+  fused.dt_b = dnnl_f32, fused.sum = true, fused.relu = true;
+  for (const Spec& s : {Spec{kForward, 2, 8, 8, 16, 16, 3, 3, 1, 1, 1, 1, 1, dnnl_bf16, dnnl_bf16, dnnl_bf16}, fused,
+                        Spec{kBwdData, 2, 8, 8, 16, 16, 3, 3, 1, 1, 1, 1, 1, dnnl_bf16, dnnl_bf16, dnnl_bf16},
+                        Spec{kBwdWeights, 2, 8, 8, 16, 16, 3, 3, 1, 1, 1, 1, 1, dnnl_bf16, dnnl_bf16, dnnl_f32}})
+    if (!lookup(s, &error)) return 0;
+  return 1;
+}
