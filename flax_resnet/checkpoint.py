@@ -3,7 +3,8 @@
 Layout under a run's workdir::
 
     checkpoints/<step>/{state,data,config,meta}       newest ``max_to_keep`` (periodic + epoch ends)
-    checkpoints_best/<step>/{state,data,config,meta}  the best by test top-1 (one kept)
+    checkpoints_best/<step>/{state,data,config,meta}  the best by test top-1 (one kept), with
+                                                      its metrics (``metrics/metrics``)
     checkpoints*/<name>.corrupt                        a bad checkpoint set aside (see below)
 
 Each checkpoint is an ``ocp.args.Composite`` of
@@ -15,24 +16,18 @@ Each checkpoint is an ``ocp.args.Composite`` of
 * ``meta``   a JSON dict of facts about the run (dataset info: classes, image shape, class
   names; epoch and test top-1 at the time of the save).
 
-Saves are asynchronous: ``save`` returns once arrays are copied off the devices, and the
-write finishes in the background (call :meth:`Checkpointer.wait` / :meth:`close`).
+Saves are asynchronous: ``save`` returns once arrays are copied off the devices, and the write
+finishes in the background (:meth:`Checkpointer.wait` / :meth:`close`). A best checkpoint of a step
+``checkpoints/`` holds is a copy of that finished directory (:mod:`flax_resnet.checkpoint_files`).
 Restores take an *abstract* target (``jax.ShapeDtypeStruct`` with shardings), so a run
 saved on 8 devices restores on 1 and vice versa.
 
-Fault tolerance (:meth:`Checkpointer.resume`):
-
-* Orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when complete,
-  so a save cut short (SIGKILL, power loss) leaves a temporary directory that is never
-  mistaken for a checkpoint.
-* A finalised ``<step>`` directory is *structurally* checked (commit marker, every item,
-  readable JSON items) and then restored; any failure (a missing item, a truncated array
-  file) makes resume try the next older step, of either kind (newest or best).
-* Once a good checkpoint is found, the bad ones are renamed ``<name>.corrupt`` (never
-  deleted) with a warning naming each, so later saves at the same step can proceed.
-  If checkpoints exist but none is readable, nothing is renamed and a
-  :class:`~flax_resnet.errors.UserError` lists them.
-* Only damage counts, and a full disk is one error: :mod:`flax_resnet.checkpoint_checks`.
+Fault tolerance (:meth:`Checkpointer.resume`): a step is written into
+``<step>.orbax-checkpoint-tmp-*`` and renamed when complete, so a save cut short (SIGKILL, power
+loss) is never mistaken for a checkpoint. Resume checks each finalised step's structure, then
+restores it, newest first of either kind; the bad ones are renamed ``<name>.corrupt`` (never
+deleted) once a good one is found. Only damage counts, and a full disk is one error
+(:mod:`flax_resnet.checkpoint_checks`).
 
 Preemption (SIGTERM/SIGINT -> save and stop) is :mod:`flax_resnet.training.preemption`'s.
 """
@@ -42,22 +37,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from flax_resnet import checkpoint_checks as checks
+from flax_resnet import checkpoint_files as files
 from flax_resnet.checkpoint_checks import (ITEMS, CheckpointReadError, DiskFullError,  # noqa: F401
                                            UnreadableCheckpointError, structural_problem)
+from flax_resnet.checkpoint_files import BEST_DIR, LATEST_DIR, TMP_MARKER, has_checkpoint  # noqa: F401
 from flax_resnet.errors import UserError
 
-LATEST_DIR = "checkpoints"
-BEST_DIR = "checkpoints_best"
 BEST_METRIC = "test_top1"
-TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step still being written
-CORRUPT_SUFFIX = ".corrupt"
 
 Which = Literal["latest", "best"]
 WarnFn = Callable[[str], None]
@@ -207,16 +202,38 @@ class Checkpointer:
 
     def save_best(self, step: int, state, data_state: dict | None, config: dict, meta: dict | None,
                   test_top1: float) -> bool:
-        """Saves to ``checkpoints_best/`` when ``test_top1`` beats the best so far."""
+        """Saves to ``checkpoints_best/`` when ``test_top1`` beats the best so far.
+
+        Where ``checkpoints/`` holds ``step`` (the epoch end saved this same state first), the best
+        is a copy of that directory once it is finished, and the other arguments are not written again.
+        """
         best = self.best_metric()
         if (best is not None and test_top1 <= best) or step in self._best.all_steps():
             return False
+        metrics = {BEST_METRIC: float(test_top1)}
         with self._space_checked(BEST_DIR, state):
-            started = self._best.save(step, args=self._args(state, data_state, config, meta),
-                                      metrics={BEST_METRIC: float(test_top1)}, force=True)
+            if self.is_saved(step):
+                self._copy_to_best(step, metrics)
+                started = True
+            else:
+                started = self._best.save(step, args=self._args(state, data_state, config, meta), metrics=metrics,
+                                          force=True)
         if started:
             self._best_value = float(test_top1)
         return started
+
+    def _copy_to_best(self, step: int, metrics: dict) -> None:
+        """``checkpoints/<step>`` copied to ``checkpoints_best/<step>`` once written; the older best
+        removed (one kept, as the best manager keeps one). Process 0 copies, every process waits."""
+        self._latest.wait_until_finished()
+        self._best.wait_until_finished()
+        if jax.process_index() == 0:
+            files.copy_step(self.step_dir("latest", step), self.step_dir("best", step), metrics)
+            for old in set(self._best.all_steps()) - {step}:
+                shutil.rmtree(self.step_dir("best", old))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"flax_resnet:best_copied_{step}")
+        self._best.reload()
 
     @contextlib.contextmanager
     def _space_checked(self, kind: str | None, state=None):
@@ -319,8 +336,7 @@ class Checkpointer:
     # ------------------------------------------------------------------ resuming
     def incomplete_dirs(self) -> list[Path]:
         """Temporary directories of saves that never finished (ignored by Orbax)."""
-        return sorted(p for d in (LATEST_DIR, BEST_DIR) if (self.workdir / d).is_dir()
-                      for p in (self.workdir / d).iterdir() if p.is_dir() and TMP_MARKER in p.name)
+        return files.incomplete_dirs(self.workdir / d for d in (LATEST_DIR, BEST_DIR))
 
     def resume(self, abstract_state, check: Callable[[dict, dict], None] | None = None) -> Restored | None:
         """Restores the newest *good* checkpoint of either kind, or ``None`` when there is none.
@@ -369,17 +385,10 @@ class Checkpointer:
         if not bad:
             return
         for path, why in bad:
-            target = path.with_name(path.name + CORRUPT_SUFFIX)
-            n = 1
-            while target.exists():
-                target, n = path.with_name(f"{path.name}{CORRUPT_SUFFIX}.{n}"), n + 1
-            if jax.process_index() == 0:
-                path.rename(target)
+            target = files.set_aside(path, rename=jax.process_index() == 0)
             where = f"resuming from {resumed.parent.name}/{resumed.name}" if resumed else "starting afresh"
             self._warn(f"bad checkpoint {path}: {why}; moved it to {target.name}, {where}")
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("flax_resnet:checkpoints_set_aside")
         self._latest.reload()
         self._best.reload()
@@ -409,11 +418,3 @@ class Checkpointer:
     def __exit__(self, *exc):
         self.close()
 
-
-def has_checkpoint(workdir: str | Path) -> bool:
-    """Whether ``workdir`` holds any finished checkpoint (without opening a manager)."""
-    root = Path(workdir)
-    return any(
-        p.is_dir() and p.name.isdigit()
-        for d in (root / LATEST_DIR, root / BEST_DIR) if d.is_dir() for p in d.iterdir()
-    )

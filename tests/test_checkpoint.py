@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from flax_resnet import checkpoint, checkpoint_checks
+from flax_resnet import checkpoint, checkpoint_checks, checkpoint_files
 from flax_resnet.checkpoint import Checkpointer, CheckpointReadError, DiskFullError
 from helpers import run_cli, saved_steps, snapshot, train_argv
 
@@ -164,3 +164,36 @@ def test_a_background_save_failing_surfaces_on_the_loops_thread(tmp_path, monkey
         saves.wait()
     saves.close()
     ck.close()
+
+
+def test_the_best_of_a_saved_step_is_a_copy_of_it_and_replaces_the_older_best(tmp_path, monkeypatch):
+    """One Orbax save per improving epoch: the best is the finished latest step copied, its metrics added."""
+    state, better = {"w": jnp.arange(6.0)}, {"w": jnp.arange(6.0) * 2}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    ckpts, best = tmp_path / "checkpoints", tmp_path / "checkpoints_best"
+    with Checkpointer(tmp_path) as ck:
+        monkeypatch.setattr(ck._best, "save", lambda *a, **k: pytest.fail("a second Orbax save"))
+        assert ck.save(2, state, {"i": 2}, {"model": "x"}, {"epoch": 1}, force=True)
+        assert ck.save_best(2, state, {"i": 2}, {"model": "x"}, {"epoch": 1}, test_top1=0.5)
+        copied = snapshot(best / "2")
+        assert {k: v for k, v in copied.items() if not k.startswith("metrics/")} == snapshot(ckpts / "2")
+        assert ck.save(4, better, {"i": 4}, {"model": "x"}, {"epoch": 2}, force=True)
+        assert ck.save_best(4, better, {"i": 4}, {"model": "x"}, {"epoch": 2}, test_top1=0.75)
+        assert saved_steps(tmp_path, "checkpoints_best") == [4] and saved_steps(tmp_path) == [2, 4]
+        # A copy that fails (the disk filled) leaves the best as it was, and no partial directory.
+        assert ck.save(6, state, {"i": 6}, {"model": "x"}, {"epoch": 3}, force=True)
+        monkeypatch.setattr(checkpoint_files.shutil, "copy2",
+                            lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+        with pytest.raises(DiskFullError, match="no space left for a checkpoint"):
+            ck.save_best(6, state, {"i": 6}, {"model": "x"}, {"epoch": 3}, test_top1=0.9)
+        assert sorted(p.name for p in best.iterdir()) == ["4"] and ck.best_metric() == 0.75
+    with Checkpointer(tmp_path, read_only=True) as ck:
+        assert (ck.best_step(), ck.best_metric()) == (4, 0.75)
+        assert checkpoint_checks.structural_problem(best / "4", best=True) is None
+        restored, data_state, _, meta = ck.restore(abstract, "best")
+    assert data_state == {"i": 4} and meta == {"epoch": 2}
+    assert jnp.array_equal(restored["w"], better["w"])
+    # A step checkpoints/ does not hold is Orbax's own save, which keeps one best too.
+    with Checkpointer(tmp_path, async_save=False) as ck:
+        assert ck.save_best(9, state, {"i": 9}, {"model": "x"}, {"epoch": 4}, test_top1=0.8)
+    assert saved_steps(tmp_path, "checkpoints_best") == [9]

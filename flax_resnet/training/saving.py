@@ -2,10 +2,11 @@
 
 An Orbax asynchronous save still blocks its caller for its set-up: the arrays' host copies,
 directories, metadata, its threads' start (about 0.1 s per save of a ResNet-20 state on a
-2-core machine, two saves per epoch when the best checkpoint moves). :class:`SaveQueue` hands
-each save to one worker thread, in order, with its own copy of the state (the train step
-donates the state it is given), so the loop goes straight on to the next step; the write
-itself is Orbax's, as before. A failure in the worker (a full disk: :class:`DiskFullError`)
+2-core machine). :class:`SaveQueue` hands each save to one worker thread, in order, with its own
+copy of the state (the train step donates the state it is given), so the loop goes straight on
+to the next step; the write itself is Orbax's, as before. A best checkpoint of a step queued for
+``checkpoints/`` is copied from its directory (:meth:`Checkpointer.save_best`): no copy of the
+state for it. A failure in the worker (a full disk: :class:`DiskFullError`)
 is raised on the loop's thread at the next save, :meth:`SaveQueue.wait` or query, as a
 failure in Orbax's own threads is; nothing already on disk is touched.
 
@@ -72,8 +73,9 @@ class SaveQueue:
         self._submit(self.ckpt.save, step, state, data_state, config, meta, force=force)
 
     def save_best(self, step: int, state, data_state, config: dict, meta: dict | None, test_top1: float):
-        self._submit(self.ckpt.save_best, step, _own_copy(state) if self._pool is not None else state, data_state,
-                     config, meta, test_top1)
+        if self._pool is not None and step not in self._queued_latest:  # else only its size is read
+            state = _own_copy(state)
+        self._submit(self.ckpt.save_best, step, state, data_state, config, meta, test_top1)
 
     def latest_step(self) -> int | None:
         """The newest step on disk once queued saves have run (their failures are left to :meth:`wait`)."""
