@@ -77,6 +77,7 @@ ONEDNN_TABLES = {  # variant -> oneDNN's SERVES (kind of kernel -> most channels
     "kxk": {"forward": _KXK, "bwd_data": _KXK, "bwd_weights": _KXK},
     "kxk, dW <= 256": {"forward": _KXK, "bwd_data": _KXK, "bwd_weights": {"kxk": 256}},
     "all": {"forward": _ALL, "bwd_data": _ALL, "bwd_weights": _ALL},
+    "eval only": {"fused": _ALL},  # the fused eval step's convolutions; training's stay native/XLA
 }
 
 
