@@ -2,11 +2,12 @@
 them, setting a bad one aside, and copying a finished one into another manager's directory.
 
 The copy is the best checkpoint, made from the epoch end's save of the same step instead of a
-second Orbax save. An Orbax save of a ResNet-20 state cost ~0.15-0.2 s of wall time and ~0.08 s of CPU on 2 cores
-(machine F, ad hoc), most of it Orbax's threads coordinating; a copy of the finished directory
-takes ~15 ms. The copy is written the way Orbax writes a step: into ``<step>.orbax-checkpoint-tmp-*``
-(never mistaken for a checkpoint; resume sets an interrupted one aside), each file synced, the
-``metrics`` item added as Orbax's best-tracking manager writes it, then renamed into place.
+second Orbax save. An Orbax save of a ResNet-20 state cost ~0.15-0.2 s of wall time and ~0.08 s
+of CPU on 2 cores (machine F, ad hoc), most of it Orbax's threads coordinating; a copy of the
+finished directory takes ~15 ms. The copy is written the way Orbax writes a step: into
+``<step>.orbax-checkpoint-tmp-*`` (never mistaken for a checkpoint; resume sets an interrupted one
+aside), each file and directory synced, the ``metrics`` item added as Orbax's best-tracking
+manager writes it, then renamed into place.
 """
 
 from __future__ import annotations

@@ -75,6 +75,17 @@ def test_bfloat16_goes_to_onednn_only_where_its_cpu_code_has_it():
             assert onednn.status()["bfloat16"] is has
 
 
+def test_bfloat16_without_its_fast_convolutions_is_one_warning_naming_the_cause():
+    assert cpu.bfloat16_warning(jnp.float32) is None
+    for status, cause in (({"available": False, "error": "FLAX_RESNET_NO_ONEDNN is set"}, "oneDNN is off (FLAX_RESNET"),
+                          ({"available": True, "error": None}, "needs AVX-512")):
+        with mock.patch.object(onednn, "status", return_value={**status, "bfloat16": False}):
+            line = cpu.bfloat16_warning(jnp.bfloat16)
+        assert cause in line and "--config.half_precision=false" in line and "\n" not in line
+    with mock.patch.object(onednn, "status", return_value={"bfloat16": True}):
+        assert cpu.bfloat16_warning(jnp.bfloat16) is None
+
+
 @pytest.mark.skipif(not onednn.status()["bfloat16"], reason="this CPU's oneDNN has no bfloat16 convolutions")
 def test_bfloat16_operands_accumulate_in_float32():
     rng = np.random.default_rng(0)

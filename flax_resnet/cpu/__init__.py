@@ -14,6 +14,8 @@
 * :func:`steps_in_flight`, :class:`StepWindow` (:mod:`~flax_resnet.cpu.dispatch`): how many
   steps the train loop, the evaluation loop and the benchmark keep dispatched but unfinished
   on XLA:CPU (one, or two for a step with small temporaries), and the window that keeps to it.
+* :func:`bfloat16_warning`: the one line ``train`` prints where bfloat16 would run slower than
+  float32 (no oneDNN bfloat16 code for this CPU).
 
 Training on CPU uses the fast layers unless ``config.cpu_fast_path`` is False. From Python::
 
@@ -31,6 +33,7 @@ import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from flax_resnet.cpu import native, onednn, pooling, xla
@@ -75,6 +78,19 @@ def with_native_convs(fn: Callable, on: bool) -> Callable:
     return traced
 
 
+def bfloat16_warning(dtype) -> str | None:
+    """The one line to tell a user computing in ``dtype`` on this machine, or None: without oneDNN's
+    bfloat16 code (oneDNN missing, or 2.x on a CPU below AVX-512) bfloat16 convolutions run through
+    XLA:CPU, slower than float32 (the native kernels are float32 only)."""
+    status = onednn.status() if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu" else None
+    if status is None or status["bfloat16"]:
+        return None
+    why = ("this CPU's oneDNN has no bfloat16 code (it needs AVX-512)" if status["available"]
+           else f"oneDNN is off ({status['error']})")
+    return (f"half_precision on this CPU: {why}, so bfloat16 convolutions run through XLA, slower than float32; "
+            "--config.half_precision=false trains faster here")
+
+
 def jit(fn: Callable, *, mesh: jax.sharding.Mesh | None = None, compiler_options: dict | None = None,
         **jit_kwargs: Any):
     """``jax.jit(fn)`` for a function of a model with the fast layers: the XLA:CPU compiler options,
@@ -85,5 +101,5 @@ def jit(fn: Callable, *, mesh: jax.sharding.Mesh | None = None, compiler_options
 
 
 __all__ = ["COMPILER_OPTIONS", "ENV_NO_MALLOC_TUNING", "FastBatchNorm", "FastConv", "QUEUE_TEMP_BYTES", "StepWindow",
-           "compiler_options", "create_model", "host_allocator_tuned", "jit", "layers", "max_pool", "native", "onednn",
+           "bfloat16_warning", "compiler_options", "create_model", "host_allocator_tuned", "jit", "layers", "max_pool", "native", "onednn",
            "pooling", "steps_in_flight", "tune_host_allocator", "uses_fast_layers", "with_native_convs"]

@@ -190,6 +190,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             f"{steps_per_epoch} steps/epoch, {total_steps} steps ({num_epochs} epochs)")
         if optimizer.uses_param_groups(config) or optimizer.freeze_bn_setting(config):
             say(optimizer.describe(config, steps_per_epoch))
+        if (slow := cpu.bfloat16_warning(dtype)) is not None:
+            warn(slow)
 
         ckpt = Checkpointer(workdir, save_every_steps=config.checkpoint_every_steps,
                             max_to_keep=config.max_to_keep, async_save=config.async_checkpointing, warn=warn)
