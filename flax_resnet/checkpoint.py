@@ -49,7 +49,7 @@ from flax_resnet import checkpoint_checks as checks
 from flax_resnet import checkpoint_files as files
 from flax_resnet.checkpoint_checks import (ITEMS, CheckpointReadError, DiskFullError,  # noqa: F401
                                            UnreadableCheckpointError, structural_problem)
-from flax_resnet.checkpoint_files import BEST_DIR, LATEST_DIR, TMP_MARKER, has_checkpoint  # noqa: F401
+from flax_resnet.checkpoint_files import BEST_DIR, LATEST_DIR, has_checkpoint  # noqa: F401
 from flax_resnet.errors import UserError
 
 BEST_METRIC = "test_top1"
