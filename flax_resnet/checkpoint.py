@@ -9,12 +9,12 @@ Layout under a run's workdir::
 
 Each checkpoint is an ``ocp.args.Composite`` of
 
-* ``state``  the :class:`~flax_resnet.training.state.TrainState` pytree (params,
-  batch_stats, opt_state, step, rng) via ``StandardSave``;
+* ``state``  the :class:`~flax_resnet.training.state.TrainState` pytree (params, batch_stats,
+  opt_state, step, rng), Orbax's PyTree format (:func:`~flax_resnet.checkpoint_files.state_handler`);
 * ``data``   the data iterator's JSON state (so a resumed run continues the same stream);
 * ``config`` the run's config as JSON (so ``evaluate``/``predict`` rebuild the model);
-* ``meta``   a JSON dict of facts about the run (dataset info: classes, image shape, class
-  names; epoch and test top-1 at the time of the save).
+* ``meta``   a JSON dict of facts about the run (dataset info: classes, image shape, class names;
+  epoch and test top-1 at the time of the save).
 
 Saves are asynchronous: ``save`` returns once arrays are copied off the devices, and the write
 finishes in the background (:meth:`Checkpointer.wait` / :meth:`close`). A best checkpoint of a step
@@ -127,8 +127,10 @@ class Checkpointer:
         latest_opts = _options(max_to_keep, async_=async_save, read_only=read_only)
         best_opts = _options(1, best=True, async_=async_save, read_only=read_only)
         with _quiet_absl(read_only):  # orbax warns that a read-only directory is read-only
-            self._latest = ocp.CheckpointManager(self.workdir / LATEST_DIR, options=latest_opts, item_names=ITEMS)
-            self._best = ocp.CheckpointManager(self.workdir / BEST_DIR, options=best_opts, item_names=ITEMS)
+            self._latest, self._best = (
+                ocp.CheckpointManager(self.workdir / d, options=o, item_names=ITEMS,
+                                      item_handlers={"state": files.state_handler()})
+                for d, o in ((LATEST_DIR, latest_opts), (BEST_DIR, best_opts)))
         self._best_value = self._read_best_metric()
         self._saving: dict[str, int] = {}  # manager -> bytes of the state it is writing
         self._disk_full: DiskFullError | None = None
@@ -173,7 +175,7 @@ class Checkpointer:
     @staticmethod
     def _args(state, data_state: dict | None, config: dict, meta: dict | None):
         return ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=files.save_args(state),
             data=ocp.args.JsonSave(data_state or {}),
             config=ocp.args.JsonSave(config),
             meta=ocp.args.JsonSave(meta or {}),
@@ -299,15 +301,9 @@ class Checkpointer:
         """
         mngr, step = self._resolve(which, step)
         try:
-            out = mngr.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=ocp.args.JsonRestore(),
-                    config=ocp.args.JsonRestore(),
-                    meta=ocp.args.JsonRestore(),
-                ),
-            )
+            out = mngr.restore(step, args=ocp.args.Composite(
+                state=files.restore_args(abstract_state), data=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         except Exception as e:
             if checks.passing_read_error(e):
                 raise CheckpointReadError(checks.read_error_message(mngr.directory / str(step), e)) from e

@@ -8,6 +8,11 @@ finished directory takes ~15 ms. The copy is written the way Orbax writes a step
 ``<step>.orbax-checkpoint-tmp-*`` (never mistaken for a checkpoint; resume sets an interrupted one
 aside), each file and directory synced, the ``metrics`` item added as Orbax's best-tracking
 manager writes it, then renamed into place.
+
+The ``state`` item is Orbax's PyTree format without its per-array ``_sharding`` file
+(:func:`state_handler`): every restore here takes a target with the shardings of the mesh at hand,
+and that file was 29% of a save's CPU (0.262 s -> 0.186 s per ResNet-20 state of 159 arrays,
+machine F, ad hoc), paid once an epoch on the cores the train step runs on.
 """
 
 from __future__ import annotations
@@ -18,12 +23,40 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 LATEST_DIR, BEST_DIR = "checkpoints", "checkpoints_best"
 TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step still being written
 CORRUPT_SUFFIX = ".corrupt"
 METRICS_ITEM = "metrics"  # where Orbax's CheckpointManager keeps a step's metrics (``<step>/metrics/metrics``)
+
+
+def state_handler() -> ocp.PyTreeCheckpointHandler:
+    """The ``state`` item's handler: Orbax's defaults, but the arrays' shardings are not written.
+
+    Its checkpoints and those of Orbax's ``StandardCheckpointHandler`` (what earlier versions
+    wrote) read each other's, given a target; Orbax's ``StandardCheckpointer().restore(path)``
+    without one reads the arrays as NumPy arrays.
+    """
+    th = ocp.type_handlers
+    registry = th.create_type_handler_registry(
+        (int, th.ScalarHandler()), (float, th.ScalarHandler()), (bytes, th.ScalarHandler()),
+        (np.number, th.ScalarHandler()), (np.ndarray, th.NumpyHandler()), (str, th.StringHandler()),
+        (jax.Array, th.ArrayHandler(enable_write_sharding_file=False)),
+    )
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def save_args(state) -> ocp.args.PyTreeSave:
+    return ocp.args.PyTreeSave(state)
+
+
+def restore_args(abstract_state) -> ocp.args.PyTreeRestore:
+    """Restores onto ``abstract_state``'s shapes, dtypes and shardings (a mismatch is an error)."""
+    return ocp.args.PyTreeRestore(abstract_state,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
 
 
 def _copy_synced(src: str, dst: str) -> str:

@@ -197,3 +197,31 @@ def test_the_best_of_a_saved_step_is_a_copy_of_it_and_replaces_the_older_best(tm
     with Checkpointer(tmp_path, async_save=False) as ck:
         assert ck.save_best(9, state, {"i": 9}, {"model": "x"}, {"epoch": 4}, test_top1=0.8)
     assert saved_steps(tmp_path, "checkpoints_best") == [9]
+
+
+def test_the_state_is_written_without_shardings_and_reads_checkpoints_of_the_standard_handler(tmp_path):
+    """No ``_sharding`` file (every restore brings its own); checkpoints Orbax's StandardSave wrote,
+    as earlier versions did, resume bit for bit; another model's shapes are still refused."""
+    import orbax.checkpoint as ocp
+    state = {"w": jnp.arange(6.0).reshape(2, 3) / 7, "step": jnp.asarray(5, jnp.int32)}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    with Checkpointer(tmp_path / "new", async_save=False) as ck:
+        ck.save(5, state, {}, {"model": "x"}, force=True)
+    state_dir = tmp_path / "new" / "checkpoints" / "5" / "state"
+    assert (state_dir / "manifest.ocdbt").is_file() and not (state_dir / "_sharding").exists()
+    old = ocp.CheckpointManager(tmp_path / "old" / "checkpoints", item_names=checkpoint.ITEMS)
+    old.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({}),
+                                        config=ocp.args.JsonSave({"model": "x"}), meta=ocp.args.JsonSave({})))
+    old.wait_until_finished()
+    old.close()
+    assert (tmp_path / "old" / "checkpoints" / "5" / "state" / "_sharding").is_file()
+    for run in ("new", "old"):
+        with Checkpointer(tmp_path / run) as ck:
+            restored = ck.resume(abstract)
+        assert restored.step == 5 and restored.config == {"model": "x"}
+        for got, want in zip(jax.tree.leaves(restored.state), jax.tree.leaves(state)):
+            assert got.dtype == want.dtype and bool(jnp.all(got == want))
+    other = {"w": jax.ShapeDtypeStruct((3, 2), jnp.float32, sharding=state["w"].sharding), "step": abstract["step"]}
+    with Checkpointer(tmp_path / "new", read_only=True) as ck:
+        with pytest.raises(checkpoint.UnreadableCheckpointError, match="incompatible model"):
+            ck.restore(other, "latest")
