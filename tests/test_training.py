@@ -102,7 +102,7 @@ def test_compiled_init_is_the_op_by_op_init_bit_for_bit(fast):
     from flax import nnx
 
     from flax_resnet.models.layers import conv_init
-    from flax_resnet.training.state import create_model, init_train_state, split_model
+    from flax_resnet.training.state import create_model, init_train_state, split_model, start_train_state
 
     config = apply_overrides(get_config("digits_resnet20"), ["--config.model=resnet8", "--config.seed=3",
                                                              f"--config.cpu_fast_path={fast}", "--config.ema_decay=0.9"])
@@ -117,6 +117,12 @@ def test_compiled_init_is_the_op_by_op_init_bit_for_bit(fast):
     assert graph.cpu_fast_path is fast
     leaves = jax.tree.leaves(state)
     assert len({x.unsafe_buffer_pointer() for x in leaves}) == len(leaves)  # own buffers: the step donates them
+    # The trainer's start-up: the abstract state (to lower the step against) while the initialiser compiles.
+    abstract, _, result = start_train_state(config, 10, 1, tx, parallel.create_mesh())
+    started = result()
+    chex.assert_trees_all_equal(started, state)
+    assert (jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding, x.weak_type), started)
+            == jax.tree.map(lambda s: (s.shape, s.dtype, s.sharding, s.weak_type), abstract))
     key = jax.random.key(0)  # and the initialiser is variance_scaling's, value for value
     reference = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
     np.testing.assert_array_equal(conv_init(key, (3, 3, 16, 32)), reference(key, (3, 3, 16, 32)))

@@ -41,7 +41,8 @@ from flax_resnet.training.restore import restore_model
 from flax_resnet.training.saving import SaveQueue
 from flax_resnet.training.resume_checks import check_resumable as _check_resumable, info_dict
 from flax_resnet.training.state import (
-    abstract_train_state, compute_dtype, count_params, create_train_state, ema_decay, model_graph, transfer_weights,
+    abstract_train_state, compile_in_background, compute_dtype, count_params, ema_decay, model_graph, start_train_state,
+    transfer_weights,
 )
 
 PrintFn = Callable[..., None]
@@ -206,13 +207,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             if restored.data_state:
                 data_iter.set_state(restored.data_state)
             say(f"resumed from {restored.path} at step {int(state.step)}")
-        else:
-            state, graph = create_train_state(config, num_classes, in_channels, tx, mesh)
-            if config.get("pretrained"):  # loaded by create_train_state
+        pending = None  # a fresh state's initialiser, compiling while the train step is traced
+        if restored is None:
+            state, graph, pending = start_train_state(config, num_classes, in_channels, tx, mesh)  # state: abstract
+            if config.get("pretrained"):  # loaded by start_train_state
                 say(f"initialised from {config.pretrained} (" + ("its head" if config.get("keep_pretrained_head")
                                                                else f"new {num_classes}-class head") + ")")
             if init_from is not None:
-                state = _init_weights_from(init_from, state, mesh, new_head=new_head)
+                state, pending = _init_weights_from(init_from, pending(), mesh, new_head=new_head), None
                 say(f"initialised from {init_from}" + (" (new head)" if new_head else ""))
         say(f"model: {config.model} ({count_params(state.params):,} params, compute {jnp.dtype(dtype).name})")
         saves = SaveQueue(ckpt, background=bool(config.async_checkpointing) and jax.process_count() == 1)
@@ -234,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                                       image_mean=info.mean, image_std=info.std)
         state_is_finite = jax.jit(steps.all_finite)
 
-        step = start_step = int(state.step)
+        step = start_step = 0 if pending else int(state.step)
         logger = stack.enter_context(run_logging.RunLogger(workdir))
         logger.log_text("config", f"```\n{format_config(config)}\n```")
         if restored is not None:  # later records supersede earlier ones with a larger step
@@ -295,12 +297,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             first = parallel.shard_batch(next(data_iter), mesh)
             t0 = time.perf_counter()
             frozen = optimizer.frozen_bn_groups(config, step, steps_per_epoch)
-            train_fns[frozen] = train_fn_at(step).lower(state, first).compile()
+            compiling = compile_in_background(train_fn_at(step).lower(state, first))
+            if pending:  # the initialiser has compiled (or loaded) while the step was traced
+                state, pending = pending(), None
+            train_fns[frozen] = compiling.result()
             compile_s = time.perf_counter() - t0
             # the eval step reuses the bound: no backward pass, so smaller temporaries unless its batch is far larger
             in_flight = cpu.steps_in_flight(train_fns[frozen])
             say(f"compiled train step in {compile_s:.1f}s")
             batches = global_batches(data_iter, mesh, first)
+        if pending:
+            state = pending()
         for epoch in range(step // steps_per_epoch, num_epochs):
             epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
             if epoch == num_epochs - 1:

@@ -10,6 +10,7 @@ An NNX model is split once, at creation, into
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from typing import Any, Callable
 
@@ -177,11 +178,19 @@ def init_train_state(
         graph, params, batch_stats = split_model(model, frozen_bn=frozen)
         state = _fresh_state(params, batch_stats, tx, jax.random.PRNGKey(config.seed))
     else:
-        state, graph = _compiled_init(config, num_classes, in_channels, tx, frozen)
-    if ema_decay(config) > 0:
-        copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # noqa: E731  (own buffers: donated)
-        state = state.replace(ema={"params": copy(state.params), "batch_stats": copy(state.batch_stats)})
-    return state, graph
+        init, key, graphs = _initialiser(config, num_classes, in_channels, tx, frozen)
+        state, graph = init(key), graphs[0]
+    return _with_ema(config, state), graph
+
+
+def _with_ema(config, state):
+    """``state`` with the EMA of its weights started at their values, when ``config`` keeps one."""
+    if ema_decay(config) <= 0:
+        return state
+    if isinstance(state.step, jax.ShapeDtypeStruct):  # abstract: the same shapes
+        return state.replace(ema={"params": state.params, "batch_stats": state.batch_stats})
+    copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # noqa: E731  (own buffers: donated)
+    return state.replace(ema={"params": copy(state.params), "batch_stats": copy(state.batch_stats)})
 
 
 def _fresh_state(params, batch_stats, tx, rng) -> TrainState:
@@ -189,11 +198,14 @@ def _fresh_state(params, batch_stats, tx, rng) -> TrainState:
                       rng=rng)
 
 
-def _compiled_init(config, num_classes, in_channels, tx, frozen) -> tuple[TrainState, ModelGraph]:
-    """The fresh state built in one jitted program, bit for bit the values of building the model op
-    by op (its initialisers are written to be), with the seed an argument: one executable for every
-    seed, which the persistent compilation cache keeps, where op by op is one small compile per
-    initialiser and shape in every process."""
+def _initialiser(config, num_classes, in_channels, tx, frozen) -> tuple[Callable, jax.Array, list[ModelGraph]]:
+    """The fresh state's initialiser, jitted, with its argument (the seed's key) and a list that
+    holds the model's graph once it is traced.
+
+    One program, bit for bit the values of building the model op by op (its initialisers are
+    written to be), with the seed an argument: one executable for every seed, which the
+    persistent compilation cache keeps, where op by op is one small compile per initialiser and
+    shape in every process."""
     graphs = []
 
     def build(key):
@@ -202,8 +214,18 @@ def _compiled_init(config, num_classes, in_channels, tx, frozen) -> tuple[TrainS
         graphs.append(graph)
         return _fresh_state(params, batch_stats, tx, jax.random.key_data(key))
 
-    state = jax.jit(build)(jax.random.key(config.seed))
-    return state, graphs[0]
+    return jax.jit(build), jax.random.key(config.seed), graphs
+
+
+def compile_in_background(lowered: jax.stages.Lowered) -> concurrent.futures.Future:
+    """``lowered.compile()`` on a thread; ``.result()`` is the executable. XLA's compile, and its load
+    from the persistent cache, hold no GIL, so the caller's Python (tracing the next program) runs
+    meanwhile: start-up's compiles and loads overlap its traces."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flax_resnet_compile")
+    try:
+        return pool.submit(lowered.compile)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def model_graph(config, num_classes: int, in_channels: int, frozen_bn_groups: frozenset[str]) -> ModelGraph:
@@ -226,6 +248,29 @@ def create_train_state(
     """
     state, graph = init_train_state(config, num_classes, in_channels, tx, load_pretrained=True)
     return parallel.replicate(state, mesh), graph
+
+
+def start_train_state(
+    config, num_classes: int, in_channels: int, tx: optax.GradientTransformation, mesh
+) -> tuple[TrainState, ModelGraph, Callable[[], TrainState]]:
+    """:func:`create_train_state` begun: ``(abstract, graph, result)``, where ``abstract`` holds the
+    state's shapes, dtypes and (replicated) shardings, enough to lower the train step against, and
+    ``result()`` returns the state itself. The initialiser compiles (or loads from the persistent
+    cache) on a thread meanwhile (:func:`compile_in_background`). With ``config.pretrained`` the
+    state is built at once."""
+    sharding = parallel.replicated_sharding(mesh)
+    if config.get("pretrained"):
+        state, graph = create_train_state(config, num_classes, in_channels, tx, mesh)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+        return abstract, graph, lambda: state
+    frozen = optimizer.bn_frozen_predicate(config, optimizer.frozen_bn_groups(config, 0))
+    init, key, graphs = _initialiser(config, num_classes, in_channels, tx, frozen)
+    lowered = init.lower(key)
+    graph, compiling = graphs[0], compile_in_background(lowered)
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding, weak_type=s.weak_type),
+                            lowered.out_info)
+    return (_with_ema(config, abstract), graph,
+            lambda: parallel.replicate(_with_ema(config, compiling.result()(key)), mesh))
 
 
 def abstract_train_state(
