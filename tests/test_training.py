@@ -588,3 +588,46 @@ def test_steps_in_flight_follows_the_compiled_steps_temporaries(monkeypatch):
     assert cpu_backend.steps_in_flight(compiled) == 2  # XLA:CPU's memory analysis read, a few KB of temporaries
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert cpu_backend.steps_in_flight(Compiled(1)) == 0  # the device runtime plans its own memory
+
+
+def test_the_default_eval_batch_pads_the_split_least():
+    """eval_batch_size 0: from the train batch up to twice it, a multiple of the data shards, the
+    smallest that pads the eval split least; an explicit size or another split keeps its own."""
+    info = types.SimpleNamespace(eval_size=360, eval_split="test")
+    config = apply_overrides(get_config("digits_resnet20"), ["--config.batch_size=64"])
+    one, eight = parallel.create_mesh(jax.devices()[:1]), parallel.create_mesh()
+    assert evaluation.eval_batch_size(config, one, info) == 72  # 5 batches, none padded (64: 6, 24 rows padded)
+    assert evaluation.eval_batch_size(config, eight, info) == 72  # 9 rows a device
+    odd = types.SimpleNamespace(eval_size=375, eval_split="test")
+    assert evaluation.eval_batch_size(config, one, odd) == 75  # 5 x 75
+    assert evaluation.eval_batch_size(config, eight, odd) == 64  # 6 x 64 = 384, as 96 and 128 pad, but smaller
+    assert evaluation.eval_batch_size(config, one, types.SimpleNamespace(eval_size=10000, eval_split="test")) == 80
+    assert evaluation.eval_batch_size(config, one, info, "train") == 64
+    assert evaluation.eval_batch_size(config, one) == 64
+    explicit = apply_overrides(get_config("digits_resnet20"), ["--config.batch_size=64", "--config.eval_batch_size=96"])
+    assert evaluation.eval_batch_size(explicit, one, info) == 96
+
+
+def test_a_small_eval_split_is_read_once_and_kept_on_the_mesh(digits_data_dir, monkeypatch):
+    """eval_pass: digits' test split is read and sharded on the first pass, reused after (the same
+    arrays, no reads); a split over KEPT_EVAL_BYTES is read each pass."""
+    config = apply_overrides(get_config("digits_resnet20"), [f"--config.data_dir={digits_data_dir}"])
+    from flax_resnet import data
+    info = data.get_dataset_info(config.dataset, config.data_dir)
+    reads = []
+    original = evaluation.data.eval_batches
+    monkeypatch.setattr(evaluation.data, "eval_batches", lambda *a, **k: reads.append(1) or original(*a, **k))
+    mesh = parallel.create_mesh()
+    passes = evaluation.eval_pass(config, info, 72, mesh, uint8=True)
+    first, second = list(passes()), list(passes())
+    assert len(reads) == 1 and len(first) == 5 and all(a is b for a, b in zip(first, second))
+    assert sum(int(b["mask"].sum()) for b in first) == 360 and first[0]["image"].dtype == jnp.uint8
+    fresh = [parallel.shard_batch(b, mesh) for b in evaluation.eval_batches(config, info, 72, uint8=True)]
+    for kept, want in zip(first, fresh):
+        assert kept["image"].sharding == want["image"].sharding
+        np.testing.assert_array_equal(np.asarray(kept["image"]), np.asarray(want["image"]))
+    monkeypatch.setattr(evaluation, "KEPT_EVAL_BYTES", 360 * 32 * 32 - 1)
+    reads.clear()
+    passes = evaluation.eval_pass(config, info, 72, mesh, uint8=True)
+    list(passes()), list(passes())
+    assert len(reads) == 2

@@ -10,7 +10,7 @@ PyTorch, ours, PyTorch, ...) so both see the same load:
   stream, network, SGD recipe, batch and epochs, with an evaluation after every epoch and
   nothing saved. Where it differs: it reads the pixels from an ``.npz`` this process writes
   before timing (ours opens the prepared dataset through TFDS and Grain), its evaluation's
-  last batch is short (ours is padded and masked) and its weights start from PyTorch's
+  last batch is short (ours are one size, padded and masked) and its weights start from PyTorch's
   initialisation (torchvision's, for the twin), not ours.
 
 Unless ``warmup=False``, each job runs once untimed first: our persistent compilation cache

@@ -36,7 +36,7 @@ from flax_resnet.training import logging as run_logging
 from flax_resnet.training import optimizer, schedules, steps
 from flax_resnet.training.epoch import global_batches, report_epoch, train_epoch
 from flax_resnet.training.profiling import PhaseTimes, StepProfiler
-from flax_resnet.training.evaluation import eval_batch_size, eval_batches, evaluate_split, image_size, normalize
+from flax_resnet.training.evaluation import eval_batch_size, eval_pass, evaluate_split, image_size, normalize
 from flax_resnet.training.restore import restore_model
 from flax_resnet.training.saving import SaveQueue
 from flax_resnet.training.resume_checks import check_resumable as _check_resumable, info_dict
@@ -162,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         raise UserError(f"--config.grad_accum_steps={accum}: micro-batches of {config.batch_size // accum} do not split "
                         f"over {parallel.num_data_shards(mesh)} devices; make batch_size a multiple of "
                         f"{accum * parallel.num_data_shards(mesh)}")
-    eval_bs = eval_batch_size(config, mesh)
+    eval_batches = eval_pass(config, info, eval_batch_size(config, mesh, info), mesh, uint8=True)
     _check_workdir(workdir)
     log_every = max(int(config.log_every_steps), 1)
     with contextlib.ExitStack() as stack:
@@ -281,11 +281,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 return _evaluate(st)
 
         def _evaluate(st) -> dict:
-            ev = evaluate_split(eval_fn, st, eval_batches(config, info, eval_bs, uint8=True), mesh,
-                                max_in_flight=in_flight)
+            ev = evaluate_split(eval_fn, st, eval_batches(), mesh, max_in_flight=in_flight)
             if st.ema is not None:
-                ev["ema"] = evaluate_split(eval_fn, st.ema_weights(), eval_batches(config, info, eval_bs, uint8=True),
-                                           mesh, max_in_flight=in_flight)
+                ev["ema"] = evaluate_split(eval_fn, st.ema_weights(), eval_batches(), mesh, max_in_flight=in_flight)
             return ev
 
         final: dict[str, float] = {}

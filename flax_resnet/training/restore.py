@@ -84,7 +84,7 @@ def evaluate(workdir: str | Path, *, which: str = "best", split: str | None = No
     if data_dir is not None:
         config.data_dir = data_dir
     info = data.get_dataset_info(config.dataset, config.data_dir, image_size=image_size(config))
-    eval_bs = eval_batch_size(config, m.mesh)
+    eval_bs = eval_batch_size(config, m.mesh, info, split)
     eval_fn = steps.jit_eval_step(m.mesh, graph=m.graph, num_classes=int(info.num_classes),
                                   compute_dtype=m.compute_dtype)
     out = evaluate_split(eval_fn, m.state, eval_batches(config, info, eval_bs, split), m.mesh)
