@@ -5,7 +5,8 @@ Fields:
     keyword arguments for ``create_model`` (e.g. ``shortcut``); zero_init_residual.
   dataset, data_dir, eval_split: dataset name for the data layer, its directory (None:
     the default) and the split evaluated each epoch (None: the dataset's test split).
-  batch_size: *global* batch over all devices; eval_batch_size (0: same as batch_size).
+  batch_size: *global* batch over all devices; eval_batch_size (0: from batch_size up to
+    twice it, the smallest that pads the eval split least).
   grad_accum_steps: > 1 splits each global batch into that many micro-batches inside the
     train step and averages their gradients (one update per global batch, a k-th of the
     activation memory); BatchNorm normalises each micro-batch with its own statistics and
