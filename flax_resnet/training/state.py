@@ -261,7 +261,8 @@ def start_train_state(
     sharding = parallel.replicated_sharding(mesh)
     if config.get("pretrained"):
         state, graph = create_train_state(config, num_classes, in_channels, tx, mesh)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding,
+                                                               weak_type=x.weak_type), state)
         return abstract, graph, lambda: state
     frozen = optimizer.bn_frozen_predicate(config, optimizer.frozen_bn_groups(config, 0))
     init, key, graphs = _initialiser(config, num_classes, in_channels, tx, frozen)
