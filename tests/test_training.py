@@ -626,8 +626,14 @@ def test_a_small_eval_split_is_read_once_and_kept_on_the_mesh(digits_data_dir, m
     for kept, want in zip(first, fresh):
         assert kept["image"].sharding == want["image"].sharding
         np.testing.assert_array_equal(np.asarray(kept["image"]), np.asarray(want["image"]))
+    other_split = apply_overrides(config.copy_and_resolve_references(), ["--config.eval_split=train"])
     monkeypatch.setattr(evaluation, "KEPT_EVAL_BYTES", 360 * 32 * 32 - 1)
+    for cfg in (config, other_split):  # too large; a split whose size info does not give
+        reads.clear()
+        passes = evaluation.eval_pass(cfg, info, 72, mesh, uint8=True)
+        list(passes()), list(passes())
+        assert len(reads) == 2
+    monkeypatch.setattr(evaluation, "KEPT_EVAL_BYTES", 64 << 20)
     reads.clear()
-    passes = evaluation.eval_pass(config, info, 72, mesh, uint8=True)
-    list(passes()), list(passes())
-    assert len(reads) == 2
+    passes = evaluation.eval_pass(other_split, info, 72, mesh, uint8=True)
+    assert sum(int(b["mask"].sum()) for b in passes()) == 1437 and len(list(passes())) == 20 and len(reads) == 2

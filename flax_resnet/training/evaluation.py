@@ -82,10 +82,12 @@ def eval_pass(config, info, batch_size, mesh, *, uint8: bool = False) -> Callabl
 
     A split whose images take at most :data:`KEPT_EVAL_BYTES` is read and placed on the mesh on the
     first pass and those arrays are reused: digits' test split read afresh cost ~0.027 s of the
-    0.27 s an evaluation takes (ResNet-20, machine F, ad hoc). Larger splits are read each pass.
+    0.27 s an evaluation takes (ResNet-20, machine F, ad hoc). Larger splits, and a config's
+    ``eval_split`` other than the dataset's (its size unknown here), are read each pass.
     """
+    known = (config.get("eval_split") or info.eval_split) == info.eval_split  # else its size is not in ``info``
     rows = -(-info.eval_size // jax.process_count())
-    if rows * math.prod(info.image_shape) * (1 if uint8 else 4) > KEPT_EVAL_BYTES:
+    if not known or rows * math.prod(info.image_shape) * (1 if uint8 else 4) > KEPT_EVAL_BYTES:
         return lambda: eval_batches(config, info, batch_size, uint8=uint8)
     kept: list[dict] = []
 
