@@ -41,8 +41,7 @@ from flax_resnet.training.restore import restore_model
 from flax_resnet.training.saving import SaveQueue
 from flax_resnet.training.resume_checks import check_resumable as _check_resumable, info_dict
 from flax_resnet.training.state import (
-    abstract_train_state, compile_in_background, compute_dtype, count_params, ema_decay, model_graph, start_train_state,
-    transfer_weights,
+    abstract_train_state, compute_dtype, count_params, ema_decay, model_graph, start_train_state, transfer_weights,
 )
 
 PrintFn = Callable[..., None]
@@ -295,16 +294,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             first = parallel.shard_batch(next(data_iter), mesh)
             t0 = time.perf_counter()
             frozen = optimizer.frozen_bn_groups(config, step, steps_per_epoch)
-            compiling = compile_in_background(train_fn_at(step).lower(state, first))
-            if pending:  # the initialiser has compiled (or loaded) while the step was traced
-                state, pending = pending(), None
-            train_fns[frozen] = compiling.result()
+            # a fresh state is still abstract here: its initialiser compiles (or loads) on a thread meanwhile
+            train_fns[frozen] = train_fn_at(step).lower(state, first).compile()
             compile_s = time.perf_counter() - t0
             # the eval step reuses the bound: no backward pass, so smaller temporaries unless its batch is far larger
             in_flight = cpu.steps_in_flight(train_fns[frozen])
             say(f"compiled train step in {compile_s:.1f}s")
             batches = global_batches(data_iter, mesh, first)
-        if pending:
+        if pending:  # a fresh state: its initialiser has compiled meanwhile
             state = pending()
         for epoch in range(step // steps_per_epoch, num_epochs):
             epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
